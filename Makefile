@@ -1,0 +1,59 @@
+# lmforge: the two commands are `make demo` and `make test`.
+#
+# Postgres and NATS JetStream come from `make services` (scripts/services.sh): it uses
+# LMFORGE_DATABASE_URL / LMFORGE_NATS_URL when they answer, otherwise starts private
+# instances under .lmforge/, installing Debian's postgresql and nats-server if missing.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+CARGO ?= cargo
+SERVICES := scripts/services.sh
+# Exports LMFORGE_DATABASE_URL, DATABASE_URL and LMFORGE_NATS_URL for the command after it.
+WITH_SERVICES = service_env="$$($(SERVICES) env)" && eval "$$service_env" &&
+
+.PHONY: all build services services-down services-status test lint fmt demo up bench clean help
+
+all: build
+
+help:
+	@echo "make demo           build, start Postgres+NATS, run the lmforge journey"
+	@echo "make test           start Postgres+NATS if needed, run every test"
+	@echo "make lint           cargo fmt --check and clippy -D warnings"
+	@echo "make services       make Postgres and NATS reachable, print their URLs"
+	@echo "make services-down  stop the private Postgres and NATS under .lmforge/"
+	@echo "make up             run the whole stack in one process (lmforge up)"
+	@echo "make bench          run the benchmarks and print their tables"
+
+build:
+	$(CARGO) build --workspace --bins
+
+services:
+	@$(SERVICES) up
+
+services-down:
+	@$(SERVICES) down
+
+services-status:
+	@$(SERVICES) status
+
+test:
+	$(WITH_SERVICES) $(CARGO) test --workspace --no-fail-fast
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+demo: build
+	$(WITH_SERVICES) $(CARGO) run --quiet --bin lmforge -- demo
+
+up: build
+	$(WITH_SERVICES) $(CARGO) run --quiet --bin lmforge -- up
+
+bench:
+	$(WITH_SERVICES) $(CARGO) bench --workspace --benches
+
+clean: services-down
+	$(CARGO) clean

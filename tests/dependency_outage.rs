@@ -1,0 +1,100 @@
+//! Health follows the dependencies: a service whose Postgres goes away reports NOT_SERVING
+//! (gRPC health and `/readyz`) and SERVING again once it is back, without restarting.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use futures::StreamExt;
+use lmforge::probe;
+use lmforge_e2e::{TcpProxy, database_url, drop_schemas, unique_name};
+use lmforge_runtime::Listeners;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+fn postgres_addr(url: &str) -> SocketAddr {
+    let rest = url.split_once('@').map_or(url, |(_, r)| r);
+    let rest = rest
+        .trim_start_matches("postgres://")
+        .trim_start_matches("postgresql://");
+    let host_port = rest.split('/').next().expect("url has a host");
+    let (host, port) = host_port.rsplit_once(':').unwrap_or((host_port, "5432"));
+    let host = if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        host
+    };
+    format!("{host}:{port}")
+        .parse()
+        .expect("the test database is on an IP address")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_tracks_postgres_going_down_and_back() {
+    let url = database_url();
+    let proxy = TcpProxy::start(postgres_addr(&url)).await;
+    let proxied = url.replacen(
+        &postgres_addr(&url).port().to_string(),
+        &proxy.addr.port().to_string(),
+        1,
+    );
+    let schema = unique_name("ingest");
+    let mut config = lmforge_ingest::Config::try_parse_from(["lmforge-ingest"]).expect("defaults");
+    config.postgres.database_url = proxied.replace("localhost", "127.0.0.1");
+    config.schema = schema.clone();
+    config.lifecycle.probe_interval = Duration::from_millis(100);
+    let listeners = Listeners::ephemeral().await.expect("bind");
+    let (grpc, admin) = (listeners.grpc_addr(), listeners.admin_addr());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(lmforge_ingest::serve(config, listeners, async {
+        let _ = stop_rx.await;
+    }));
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .expect("valid")
+        .connect_lazy();
+    let updates = HealthClient::new(channel)
+        .watch(HealthCheckRequest::default())
+        .await
+        .expect("watch health")
+        .into_inner();
+    // An open Watch stream would hold the server's graceful drain: keep it in a scope.
+    {
+        let mut updates = updates;
+        let mut next_status = async || -> ServingStatus {
+            let update = tokio::time::timeout(Duration::from_secs(30), updates.next())
+                .await
+                .expect("a health change within 30s")
+                .expect("stream open")
+                .expect("status");
+            ServingStatus::try_from(update.status).expect("known status")
+        };
+        let mut wait_for = async |wanted: ServingStatus| {
+            while next_status().await != wanted {}
+        };
+
+        wait_for(ServingStatus::Serving).await;
+        assert_eq!(
+            probe::admin_get(admin, "/readyz").await.expect("admin").0,
+            200
+        );
+
+        proxy.cut();
+        wait_for(ServingStatus::NotServing).await;
+        let (code, body) = probe::admin_get(admin, "/readyz").await.expect("admin");
+        assert_eq!(code, 503);
+        assert!(body.starts_with("postgres: down"), "{body}");
+
+        proxy.restore();
+        wait_for(ServingStatus::Serving).await;
+        assert_eq!(
+            probe::admin_get(admin, "/readyz").await.expect("admin").0,
+            200
+        );
+    }
+
+    let _ = stop_tx.send(());
+    service.await.expect("task").expect("clean stop");
+    drop_schemas(&schema).await;
+}
