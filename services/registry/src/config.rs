@@ -31,10 +31,37 @@ pub struct Config {
     /// Postgres schema holding the service's tables.
     #[arg(long, env = "LMFORGE_REGISTRY_SCHEMA", default_value = "registry")]
     pub schema: String,
+    /// Where artifacts are stored: a directory or `file:///abs/dir`, `s3://bucket/prefix`,
+    /// `gs://…`, `az://…` (cloud credentials from the standard env vars).
+    #[arg(long, env = "LMFORGE_ARTIFACTS", default_value = ".lmforge/artifacts")]
+    pub artifacts: String,
     #[command(flatten)]
     pub postgres: PostgresArgs,
     #[command(flatten)]
     pub lifecycle: LifecycleArgs,
+}
+
+impl Config {
+    /// The artifact store URL, with a plain or relative directory made an absolute
+    /// `file://` URL.
+    pub fn artifacts_url(&self) -> Result<String, StartupError> {
+        let value = self.artifacts.trim();
+        if value.contains("://") {
+            return Ok(value.to_owned());
+        }
+        let path = std::path::Path::new(value);
+        let absolute = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map_err(|e| StartupError::Invalid {
+                    setting: "LMFORGE_ARTIFACTS",
+                    reason: format!("cannot resolve `{value}`: {e}"),
+                })?
+                .join(path)
+        };
+        Ok(format!("file://{}", absolute.display()))
+    }
 }
 
 impl ServiceConfig for Config {
@@ -42,7 +69,13 @@ impl ServiceConfig for Config {
     type Listeners = Listeners;
 
     fn validate(&self) -> Result<(), StartupError> {
-        self.postgres.validate(&self.schema)
+        self.postgres.validate(&self.schema)?;
+        lmforge_store::ArtifactStore::from_url(&self.artifacts_url()?)
+            .map(|_| ())
+            .map_err(|e| StartupError::Invalid {
+                setting: "LMFORGE_ARTIFACTS",
+                reason: e.to_string(),
+            })
     }
 
     async fn bind(&self) -> Result<Listeners, StartupError> {

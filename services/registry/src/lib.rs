@@ -2,9 +2,18 @@
 //! (`lmforge.v1.RegistryService`), in the Postgres schema `registry`.
 //!
 //! - [`config`]: flags and `LMFORGE_REGISTRY_*` env vars.
+//! - [`api`]: the gRPC handlers; [`catalog`] (models, versions, files) and [`aliases`]
+//!   hold the Postgres logic; [`domain`], [`names`], [`convert`], [`error`] their types.
 //! - [`serve`]: what `main`, `lmforge up` and the tests call.
 
+pub mod aliases;
+pub mod api;
+pub mod catalog;
 pub mod config;
+pub mod convert;
+pub mod domain;
+pub mod error;
+pub mod names;
 
 use std::future::Future;
 
@@ -18,14 +27,8 @@ pub use config::Config;
 /// The service name used in telemetry, metrics and messages.
 pub const NAME: &str = "registry";
 
-/// `lmforge.v1.RegistryService`.
-#[derive(Debug, Clone)]
-pub struct RegistryApi {
-    #[allow(dead_code)] // used by the RPCs of the registry issue
-    pool: sqlx::PgPool,
-}
-
-impl registry_service_server::RegistryService for RegistryApi {}
+/// The registry's tables, created and upgraded at start-up.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Connects to Postgres, then serves until `shutdown` resolves.
 pub async fn serve(
@@ -37,6 +40,19 @@ pub async fn serve(
         .postgres
         .connect(&config.schema, config.lifecycle.startup_timeout)
         .await?;
+    lmforge_runtime::postgres::migrate(&pool, &MIGRATOR, &config.schema).await?;
+    let store = lmforge_store::ArtifactStore::from_url(&config.artifacts_url()?).map_err(|e| {
+        StartupError::Invalid {
+            setting: "LMFORGE_ARTIFACTS",
+            reason: e.to_string(),
+        }
+    })?;
+    let watcher = aliases::AliasWatcher::start(&pool, &config.schema)
+        .await
+        .map_err(|e| StartupError::Invalid {
+            setting: "LMFORGE_DATABASE_URL",
+            reason: format!("cannot LISTEN for alias moves: {e}"),
+        })?;
     let host = ServiceHost::new(
         NAME,
         &[registry_service_server::SERVICE_NAME],
@@ -47,8 +63,11 @@ pub async fn serve(
     .drain_timeout(config.lifecycle.drain_timeout);
     let router = host
         .router(&mut grpc_server(NAME))?
-        .add_service(RegistryServiceServer::new(RegistryApi {
-            pool: pool.clone(),
-        }));
+        .add_service(RegistryServiceServer::new(api::RegistryApi::new(
+            pool.clone(),
+            store,
+            config.schema.clone(),
+            watcher,
+        )));
     host.run(router, listeners, shutdown).await
 }

@@ -1,0 +1,593 @@
+//! Models and versions in Postgres: creation with gapless numbering, idempotent
+//! registration, files, finalization, lookup and reference resolution.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::domain::{FileEntry, Lineage, Model, NewVersion, Version, VersionPin, VersionStatus};
+use crate::error::{RegistryError, Result};
+use crate::names::{ModelRef, parse_model_ref};
+
+#[derive(sqlx::FromRow)]
+struct ModelRow {
+    id: Uuid,
+    name: String,
+    description: String,
+    tags: sqlx::types::Json<BTreeMap<String, String>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct VersionRow {
+    id: Uuid,
+    model_name: String,
+    version: i32,
+    status: String,
+    status_message: String,
+    format: String,
+    digest: String,
+    lineage: sqlx::types::Json<Lineage>,
+    hyperparameters: sqlx::types::Json<serde_json::Value>,
+    metrics: sqlx::types::Json<BTreeMap<String, f64>>,
+    chat_template: String,
+    architecture: String,
+    context_length: i32,
+    parameter_count: i64,
+    description: String,
+    tags: sqlx::types::Json<BTreeMap<String, String>>,
+    created_by: String,
+    created_at: DateTime<Utc>,
+    finalized_at: Option<DateTime<Utc>>,
+    updated_at: DateTime<Utc>,
+}
+
+const VERSION_COLUMNS: &str = "v.id, m.name AS model_name, v.version, v.status, v.status_message, \
+    v.format, v.digest, v.lineage, v.hyperparameters, v.metrics, v.chat_template, v.architecture, \
+    v.context_length, v.parameter_count, v.description, v.tags, v.created_by, v.created_at, \
+    v.finalized_at, v.updated_at";
+
+fn model_not_found(name: &str) -> RegistryError {
+    RegistryError::NotFound(format!("model `{name}`"))
+}
+
+fn version_not_found(name: &str, version: u32) -> RegistryError {
+    RegistryError::NotFound(format!("version `{name}/{version}`"))
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}
+
+/// Creates a model; ALREADY_EXISTS when the name is taken.
+pub async fn create_model(
+    pool: &PgPool,
+    name: &str,
+    description: &str,
+    tags: &BTreeMap<String, String>,
+) -> Result<Model> {
+    let inserted =
+        sqlx::query("INSERT INTO models (id, name, description, tags) VALUES ($1, $2, $3, $4)")
+            .bind(Uuid::new_v4())
+            .bind(name)
+            .bind(description)
+            .bind(sqlx::types::Json(tags))
+            .execute(pool)
+            .await;
+    match inserted {
+        Ok(_) => get_model(pool, name).await,
+        Err(error) if is_unique_violation(&error) => {
+            Err(RegistryError::AlreadyExists(format!("model `{name}`")))
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// One model with its counts and aliases.
+pub async fn get_model(pool: &PgPool, name: &str) -> Result<Model> {
+    let row: Option<ModelRow> = sqlx::query_as(
+        "SELECT id, name, description, tags, created_at, updated_at FROM models WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
+    let row = row.ok_or_else(|| model_not_found(name))?;
+    complete_model(pool, row).await
+}
+
+async fn complete_model(pool: &PgPool, row: ModelRow) -> Result<Model> {
+    let (latest, count): (Option<i32>, i64) = sqlx::query_as(
+        "SELECT max(version) FILTER (WHERE status = 'ready'), count(*) FROM versions WHERE model_id = $1",
+    )
+    .bind(row.id)
+    .fetch_one(pool)
+    .await?;
+    let aliases: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT a.alias, v.version FROM aliases a JOIN versions v ON v.id = a.version_id \
+         WHERE a.model_id = $1 ORDER BY a.alias",
+    )
+    .bind(row.id)
+    .fetch_all(pool)
+    .await?;
+    Ok(Model {
+        id: row.id,
+        name: row.name,
+        description: row.description,
+        tags: row.tags.0,
+        latest_version: latest.unwrap_or(0).max(0) as u32,
+        version_count: count.max(0) as u32,
+        aliases: aliases
+            .into_iter()
+            .map(|(alias, version)| (alias, version.max(0) as u32))
+            .collect(),
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    })
+}
+
+/// A page of models ordered by name; `name_prefix` narrows it.
+pub async fn list_models(
+    pool: &PgPool,
+    name_prefix: &str,
+    limit: i64,
+    offset: i64,
+) -> Result<(Vec<Model>, bool)> {
+    let rows: Vec<ModelRow> = sqlx::query_as(
+        "SELECT id, name, description, tags, created_at, updated_at FROM models \
+         WHERE starts_with(name, $1) ORDER BY name LIMIT $2 OFFSET $3",
+    )
+    .bind(name_prefix)
+    .bind(limit + 1)
+    .bind(offset)
+    .fetch_all(pool)
+    .await?;
+    let more = rows.len() as i64 > limit;
+    let mut models = Vec::with_capacity(rows.len());
+    for row in rows.into_iter().take(limit as usize) {
+        models.push(complete_model(pool, row).await?);
+    }
+    Ok((models, more))
+}
+
+/// Changes a model's description and tags.
+pub async fn update_model(
+    pool: &PgPool,
+    name: &str,
+    description: Option<&str>,
+    set_tags: &BTreeMap<String, String>,
+    delete_tags: &[String],
+) -> Result<Model> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(Uuid, sqlx::types::Json<BTreeMap<String, String>>)> =
+        sqlx::query_as("SELECT id, tags FROM models WHERE name = $1 FOR UPDATE")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let (id, mut tags) = row.ok_or_else(|| model_not_found(name))?;
+    for key in delete_tags {
+        tags.0.remove(key);
+    }
+    tags.0.extend(set_tags.clone());
+    sqlx::query(
+        "UPDATE models SET description = COALESCE($2, description), tags = $3, updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(description)
+    .bind(tags)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    get_model(pool, name).await
+}
+
+/// Deletes a model and its versions; refused while an alias points into it.
+pub async fn delete_model(pool: &PgPool, name: &str) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    let id: Option<Uuid> = sqlx::query_scalar("SELECT id FROM models WHERE name = $1 FOR UPDATE")
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let id = id.ok_or_else(|| model_not_found(name))?;
+    let aliases: Vec<String> =
+        sqlx::query_scalar("SELECT alias FROM aliases WHERE model_id = $1 ORDER BY alias")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+    if !aliases.is_empty() {
+        return Err(RegistryError::FailedPrecondition(format!(
+            "model `{name}` still has aliases ({}); delete them first",
+            aliases.join(", ")
+        )));
+    }
+    sqlx::query("DELETE FROM models WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+fn request_digest(request: &NewVersion) -> String {
+    let canonical = serde_json::to_vec(request).expect("plain data always serializes");
+    hex::encode(Sha256::digest(canonical))
+}
+
+/// Resolves a lineage reference to a pinned READY version.
+async fn pin(pool: &PgPool, field: &'static str, reference: &str) -> Result<VersionPin> {
+    let parsed = parse_model_ref(field, reference)?;
+    let (version, _) = resolve(pool, &parsed).await.map_err(|error| match error {
+        RegistryError::NotFound(what) => RegistryError::NotFound(format!("{field}: {what}")),
+        other => other,
+    })?;
+    Ok(VersionPin {
+        name: version.model_name,
+        version: version.version,
+        digest: version.digest,
+    })
+}
+
+/// Creates a PENDING version numbered right after the model's last one. A repeated
+/// `client_request_id` returns the version it created, or ALREADY_EXISTS when the retry
+/// asks for something different.
+pub async fn create_version(pool: &PgPool, request: &NewVersion) -> Result<Version> {
+    let base_model = match &request.base_model_ref {
+        Some(reference) => Some(pin(pool, "lineage.base_model_version", reference).await?),
+        None => None,
+    };
+    let parent_version = match &request.parent_ref {
+        Some(reference) => Some(pin(pool, "lineage.parent_version", reference).await?),
+        None => None,
+    };
+    let lineage = Lineage {
+        base_model,
+        dataset_version_id: request.dataset_version_id.clone(),
+        training_job_id: request.training_job_id.clone(),
+        parent_version,
+    };
+    let digest = request_digest(request);
+    let mut tx = pool.begin().await?;
+    let model_id = lock_model(
+        &mut tx,
+        &request.model_name,
+        request.create_model_if_missing,
+    )
+    .await?;
+
+    if !request.client_request_id.is_empty() {
+        let existing: Option<(i32, Option<String>)> = sqlx::query_as(
+            "SELECT version, request_digest FROM versions WHERE model_id = $1 AND client_request_id = $2",
+        )
+        .bind(model_id)
+        .bind(&request.client_request_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((version, previous)) = existing {
+            tx.rollback().await?;
+            if previous.as_deref() != Some(digest.as_str()) {
+                return Err(RegistryError::AlreadyExists(format!(
+                    "client_request_id `{}` was used for a different request (version {version})",
+                    request.client_request_id
+                )));
+            }
+            return get_version(pool, &request.model_name, version as u32).await;
+        }
+    }
+
+    let number: i32 = sqlx::query_scalar(
+        "UPDATE models SET next_version = next_version + 1 WHERE id = $1 RETURNING next_version - 1",
+    )
+    .bind(model_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let client_request_id =
+        (!request.client_request_id.is_empty()).then_some(request.client_request_id.as_str());
+    sqlx::query(
+        "INSERT INTO versions (id, model_id, version, status, format, lineage, hyperparameters, \
+         metrics, chat_template, architecture, context_length, description, tags, created_by, \
+         client_request_id, request_digest) \
+         VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+    )
+    .bind(Uuid::new_v4())
+    .bind(model_id)
+    .bind(number)
+    .bind(&request.format)
+    .bind(sqlx::types::Json(&lineage))
+    .bind(sqlx::types::Json(&request.hyperparameters))
+    .bind(sqlx::types::Json(&request.metrics))
+    .bind(&request.chat_template)
+    .bind(&request.architecture)
+    .bind(request.context_length as i32)
+    .bind(&request.description)
+    .bind(sqlx::types::Json(&request.tags))
+    .bind(&request.created_by)
+    .bind(client_request_id)
+    .bind(&digest)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    get_version(pool, &request.model_name, number as u32).await
+}
+
+/// Locks the model row for the rest of the transaction, creating the model if asked.
+async fn lock_model(
+    tx: &mut Transaction<'_, Postgres>,
+    name: &str,
+    create_if_missing: bool,
+) -> Result<Uuid> {
+    if create_if_missing {
+        sqlx::query("INSERT INTO models (id, name) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+            .bind(Uuid::new_v4())
+            .bind(name)
+            .execute(&mut **tx)
+            .await?;
+    }
+    let id: Option<Uuid> = sqlx::query_scalar("SELECT id FROM models WHERE name = $1 FOR UPDATE")
+        .bind(name)
+        .fetch_optional(&mut **tx)
+        .await?;
+    id.ok_or_else(|| model_not_found(name))
+}
+
+/// One version with its files and aliases.
+pub async fn get_version(pool: &PgPool, name: &str, version: u32) -> Result<Version> {
+    let row: Option<VersionRow> = sqlx::query_as(&format!(
+        "SELECT {VERSION_COLUMNS} FROM versions v JOIN models m ON m.id = v.model_id \
+         WHERE m.name = $1 AND v.version = $2"
+    ))
+    .bind(name)
+    .bind(version as i32)
+    .fetch_optional(pool)
+    .await?;
+    let row = row.ok_or_else(|| version_not_found(name, version))?;
+    complete_version(pool, row).await
+}
+
+async fn complete_version(pool: &PgPool, row: VersionRow) -> Result<Version> {
+    let files: Vec<(String, i64, String, String)> = sqlx::query_as(
+        "SELECT path, size_bytes, sha256, content_type FROM version_files WHERE version_id = $1 ORDER BY path",
+    )
+    .bind(row.id)
+    .fetch_all(pool)
+    .await?;
+    let aliases: Vec<String> =
+        sqlx::query_scalar("SELECT alias FROM aliases WHERE version_id = $1 ORDER BY alias")
+            .bind(row.id)
+            .fetch_all(pool)
+            .await?;
+    Ok(Version {
+        id: row.id,
+        model_name: row.model_name,
+        version: row.version.max(0) as u32,
+        status: VersionStatus::from_db(&row.status),
+        status_message: row.status_message,
+        format: row.format,
+        digest: row.digest,
+        files: files
+            .into_iter()
+            .map(|(path, size, sha256, content_type)| FileEntry {
+                path,
+                size_bytes: size.max(0) as u64,
+                sha256,
+                content_type,
+            })
+            .collect(),
+        lineage: row.lineage.0,
+        hyperparameters: row.hyperparameters.0,
+        metrics: row.metrics.0,
+        chat_template: row.chat_template,
+        architecture: row.architecture,
+        context_length: row.context_length.max(0) as u32,
+        parameter_count: row.parameter_count.max(0) as u64,
+        description: row.description,
+        tags: row.tags.0,
+        aliases,
+        created_by: row.created_by,
+        created_at: row.created_at,
+        finalized_at: row.finalized_at,
+        updated_at: row.updated_at,
+    })
+}
+
+/// A page of one model's versions, newest first, optionally only in `statuses`.
+pub async fn list_versions(
+    pool: &PgPool,
+    name: &str,
+    statuses: &[VersionStatus],
+    limit: i64,
+    offset: i64,
+) -> Result<(Vec<Version>, bool)> {
+    get_model(pool, name).await?;
+    let statuses: Vec<&str> = statuses.iter().map(|s| s.as_db()).collect();
+    let rows: Vec<VersionRow> = sqlx::query_as(&format!(
+        "SELECT {VERSION_COLUMNS} FROM versions v JOIN models m ON m.id = v.model_id \
+         WHERE m.name = $1 AND (cardinality($2::text[]) = 0 OR v.status = ANY($2)) \
+         ORDER BY v.version DESC LIMIT $3 OFFSET $4"
+    ))
+    .bind(name)
+    .bind(&statuses)
+    .bind(limit + 1)
+    .bind(offset)
+    .fetch_all(pool)
+    .await?;
+    let more = rows.len() as i64 > limit;
+    let mut versions = Vec::with_capacity(rows.len());
+    for row in rows.into_iter().take(limit as usize) {
+        versions.push(complete_version(pool, row).await?);
+    }
+    Ok((versions, more))
+}
+
+/// Locks a version row, checking it is PENDING (files and finalization need that).
+async fn lock_pending(
+    tx: &mut Transaction<'_, Postgres>,
+    name: &str,
+    version: u32,
+) -> Result<(Uuid, VersionStatus)> {
+    let row: Option<(Uuid, String)> = sqlx::query_as(
+        "SELECT v.id, v.status FROM versions v JOIN models m ON m.id = v.model_id \
+         WHERE m.name = $1 AND v.version = $2 FOR UPDATE OF v",
+    )
+    .bind(name)
+    .bind(version as i32)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let (id, status) = row.ok_or_else(|| version_not_found(name, version))?;
+    Ok((id, VersionStatus::from_db(&status)))
+}
+
+/// Records a stored blob as a file of a PENDING version (replacing the same path).
+pub async fn add_file(pool: &PgPool, name: &str, version: u32, file: &FileEntry) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    let (id, status) = lock_pending(&mut tx, name, version).await?;
+    if status != VersionStatus::Pending {
+        return Err(RegistryError::FailedPrecondition(format!(
+            "version `{name}/{version}` is {}; files can only be added while PENDING",
+            status.as_db().to_uppercase()
+        )));
+    }
+    sqlx::query(
+        "INSERT INTO version_files (version_id, path, size_bytes, sha256, content_type) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (version_id, path) DO UPDATE \
+         SET size_bytes = EXCLUDED.size_bytes, sha256 = EXCLUDED.sha256, content_type = EXCLUDED.content_type",
+    )
+    .bind(id)
+    .bind(&file.path)
+    .bind(file.size_bytes as i64)
+    .bind(&file.sha256)
+    .bind(&file.content_type)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Moves a PENDING version to READY (digest = sha256 of its manifest) or FAILED.
+/// Finalizing a READY version again with success returns it unchanged.
+pub async fn finalize(
+    pool: &PgPool,
+    name: &str,
+    version: u32,
+    failure: Option<&str>,
+    expected_digest: &str,
+) -> Result<Version> {
+    let mut tx = pool.begin().await?;
+    let (id, status) = lock_pending(&mut tx, name, version).await?;
+    match (status, failure) {
+        (VersionStatus::Pending, _) => {}
+        (VersionStatus::Ready, None) => {
+            tx.rollback().await?;
+            return get_version(pool, name, version).await;
+        }
+        (other, _) => {
+            return Err(RegistryError::FailedPrecondition(format!(
+                "version `{name}/{version}` is already {}",
+                other.as_db().to_uppercase()
+            )));
+        }
+    }
+    if let Some(message) = failure {
+        sqlx::query(
+            "UPDATE versions SET status = 'failed', status_message = $2, finalized_at = now(), updated_at = now() WHERE id = $1",
+        )
+        .bind(id)
+        .bind(message)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        return get_version(pool, name, version).await;
+    }
+    let files: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT path, sha256, size_bytes FROM version_files WHERE version_id = $1")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+    if files.is_empty() {
+        return Err(RegistryError::FailedPrecondition(format!(
+            "version `{name}/{version}` has no files; upload them before finalizing"
+        )));
+    }
+    let digest = lmforge_store::manifest_digest(
+        files
+            .iter()
+            .map(|(path, sha, size)| (path.as_str(), sha.as_str(), size.max(&0).unsigned_abs())),
+    );
+    if !expected_digest.is_empty() && expected_digest != digest {
+        return Err(RegistryError::invalid(
+            "expected_digest",
+            format!("the uploaded files have digest {digest}, not {expected_digest}"),
+        ));
+    }
+    sqlx::query(
+        "UPDATE versions SET status = 'ready', digest = $2, finalized_at = now(), updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(&digest)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    get_version(pool, name, version).await
+}
+
+/// Resolves a reference to a READY version (and the alias it went through, if any).
+pub async fn resolve(pool: &PgPool, reference: &ModelRef) -> Result<(Version, Option<String>)> {
+    match reference {
+        ModelRef::Version(name, number) => {
+            let version = get_version(pool, name, *number).await?;
+            if version.status != VersionStatus::Ready {
+                return Err(RegistryError::FailedPrecondition(format!(
+                    "version `{name}/{number}` is {}, not READY",
+                    version.status.as_db().to_uppercase()
+                )));
+            }
+            Ok((version, None))
+        }
+        ModelRef::Latest(name) => {
+            let number: Option<i32> = sqlx::query_scalar(
+                "SELECT max(v.version) FROM versions v JOIN models m ON m.id = v.model_id \
+                 WHERE m.name = $1 AND v.status = 'ready'",
+            )
+            .bind(name)
+            .fetch_one(pool)
+            .await?;
+            match number {
+                Some(number) => Ok((get_version(pool, name, number as u32).await?, None)),
+                None => {
+                    get_model(pool, name).await?;
+                    Err(RegistryError::NotFound(format!(
+                        "a READY version of `{name}`"
+                    )))
+                }
+            }
+        }
+        ModelRef::Alias(name, alias) => {
+            let number: Option<i32> = sqlx::query_scalar(
+                "SELECT v.version FROM aliases a JOIN models m ON m.id = a.model_id \
+                 JOIN versions v ON v.id = a.version_id WHERE m.name = $1 AND a.alias = $2",
+            )
+            .bind(name)
+            .bind(alias)
+            .fetch_optional(pool)
+            .await?;
+            let number =
+                number.ok_or_else(|| RegistryError::NotFound(format!("alias `{name}@{alias}`")))?;
+            Ok((
+                get_version(pool, name, number as u32).await?,
+                Some(alias.clone()),
+            ))
+        }
+    }
+}
+
+/// The file `path` of a version.
+pub async fn file(pool: &PgPool, name: &str, version: u32, path: &str) -> Result<FileEntry> {
+    let found = get_version(pool, name, version).await?;
+    found
+        .files
+        .into_iter()
+        .find(|f| f.path == path)
+        .ok_or_else(|| RegistryError::NotFound(format!("file `{path}` in `{name}/{version}`")))
+}

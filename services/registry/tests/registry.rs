@@ -1,0 +1,679 @@
+//! The registry over real gRPC, real Postgres (a schema of its own per test) and a real
+//! artifact directory: numbering under concurrency, idempotency, uploads that must not
+//! become READY when corrupted, downloads, aliases under concurrent resolvers, WatchAlias,
+//! and the error code of each bad input.
+
+use std::time::Duration;
+
+use clap::Parser;
+use futures::StreamExt;
+use lmforge_proto::v1 as pb;
+use lmforge_proto::v1::registry_service_client::RegistryServiceClient;
+use lmforge_runtime::Listeners;
+use sha2::{Digest, Sha256};
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Registry {
+    client: RegistryServiceClient<Channel>,
+    stop_tx: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), lmforge_runtime::StartupError>>>,
+    schema: String,
+    _artifacts: tempfile::TempDir,
+}
+
+impl Registry {
+    async fn start(label: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let schema = format!("t{}_{n}_{label}", std::process::id());
+        let artifacts = tempfile::tempdir().expect("temp dir");
+        let mut config =
+            lmforge_registry::Config::try_parse_from(["lmforge-registry"]).expect("defaults");
+        if let Ok(url) = std::env::var("LMFORGE_DATABASE_URL") {
+            config.postgres.database_url = url;
+        }
+        config.postgres.database_max_connections = 30;
+        config.schema = schema.clone();
+        config.artifacts = artifacts.path().display().to_string();
+        let listeners = Listeners::ephemeral().await.expect("bind");
+        let addr = listeners.grpc_addr();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(lmforge_registry::serve(config, listeners, async {
+            let _ = stop_rx.await;
+        }));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("valid")
+            .connect_lazy();
+        let mut client = RegistryServiceClient::new(channel);
+        // Ready once a call gets past transport errors (migrations run before serving).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match client
+                .get_model(pb::GetModelRequest {
+                    name: "probe".into(),
+                })
+                .await
+            {
+                Err(status) if status.code() == Code::NotFound => break,
+                other => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "registry did not start: {other:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        Self {
+            client,
+            stop_tx: Some(stop_tx),
+            task: Some(task),
+            schema,
+            _artifacts: artifacts,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop_tx) = self.stop_tx.take() {
+            let _ = stop_tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("task").expect("clean stop");
+        }
+        let url = std::env::var("LMFORGE_DATABASE_URL")
+            .unwrap_or_else(|_| lmforge_runtime::args::DEFAULT_DATABASE_URL.to_owned());
+        if let Ok(pool) = sqlx::PgPool::connect(&url).await {
+            let _ = sqlx::query(&format!("DROP SCHEMA \"{}\" CASCADE", self.schema))
+                .execute(&pool)
+                .await;
+        }
+    }
+}
+
+fn new_version(model: &str, request_id: &str) -> pb::CreateModelVersionRequest {
+    pb::CreateModelVersionRequest {
+        model_name: model.into(),
+        create_model_if_missing: true,
+        client_request_id: request_id.into(),
+        format: pb::ModelFormat::HfSafetensors as i32,
+        architecture: "LlamaForCausalLM".into(),
+        metrics: [("eval_loss".to_owned(), 1.5)].into(),
+        ..Default::default()
+    }
+}
+
+async fn upload(
+    client: &mut RegistryServiceClient<Channel>,
+    model: &str,
+    version: u32,
+    path: &str,
+    data: &[u8],
+    claimed_sha: Option<String>,
+) -> Result<pb::ArtifactFile, tonic::Status> {
+    let sha = claimed_sha.unwrap_or_else(|| hex::encode(Sha256::digest(data)));
+    let mut messages = vec![pb::UploadArtifactRequest {
+        payload: Some(pb::upload_artifact_request::Payload::Metadata(
+            pb::UploadArtifactMetadata {
+                model_name: model.into(),
+                version,
+                path: path.into(),
+                size_bytes: data.len() as u64,
+                sha256: sha,
+                content_type: String::new(),
+            },
+        )),
+    }];
+    for chunk in data.chunks(7000) {
+        messages.push(pb::UploadArtifactRequest {
+            payload: Some(pb::upload_artifact_request::Payload::Chunk(chunk.to_vec())),
+        });
+    }
+    client
+        .upload_artifact(tokio_stream::iter(messages))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Creates, uploads one file and finalizes a READY version; returns its number.
+async fn ready_version(
+    client: &mut RegistryServiceClient<Channel>,
+    model: &str,
+    data: &[u8],
+) -> u32 {
+    let version = client
+        .create_model_version(new_version(model, ""))
+        .await
+        .expect("create")
+        .into_inner()
+        .version;
+    upload(client, model, version, "model.safetensors", data, None)
+        .await
+        .expect("upload");
+    let finalized = client
+        .finalize_model_version(pb::FinalizeModelVersionRequest {
+            model_name: model.into(),
+            version,
+            ..Default::default()
+        })
+        .await
+        .expect("finalize")
+        .into_inner();
+    assert_eq!(finalized.status, pb::ModelVersionStatus::Ready as i32);
+    version
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_registrations_get_versions_one_to_twenty() {
+    let registry = Registry::start("numbering").await;
+    let tasks = (0..20).map(|i| {
+        let mut client = registry.client.clone();
+        tokio::spawn(async move {
+            client
+                .create_model_version(new_version("acme/bank", &format!("req-{i}")))
+                .await
+                .expect("create version")
+                .into_inner()
+                .version
+        })
+    });
+    let mut numbers: Vec<u32> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, (1..=20).collect::<Vec<u32>>());
+
+    // A retry with the same request id returns the same version; different content refused.
+    let mut client = registry.client.clone();
+    let again = client
+        .create_model_version(new_version("acme/bank", "req-7"))
+        .await
+        .expect("idempotent retry")
+        .into_inner();
+    let first = client
+        .list_model_versions(pb::ListModelVersionsRequest {
+            model_name: "acme/bank".into(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(first.versions.len(), 20, "the retry created nothing");
+    assert!(first.versions.iter().any(|v| v.id == again.id));
+    let mut different = new_version("acme/bank", "req-7");
+    different.description = "something else".into();
+    let status = client
+        .create_model_version(different)
+        .await
+        .expect_err("same id, different request");
+    assert_eq!(status.code(), Code::AlreadyExists);
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_verified_and_downloads_round_trip() {
+    let registry = Registry::start("artifacts").await;
+    let mut client = registry.client.clone();
+    let version = client
+        .create_model_version(new_version("tiny", "r1"))
+        .await
+        .expect("create")
+        .into_inner()
+        .version;
+    let weights: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+
+    // Corrupted: the claimed sha256 is not the bytes'.
+    let wrong = hex::encode(Sha256::digest(b"other bytes"));
+    let status = upload(
+        &mut client,
+        "tiny",
+        version,
+        "model.safetensors",
+        &weights,
+        Some(wrong),
+    )
+    .await
+    .expect_err("corrupted upload");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Truncated: fewer bytes than declared.
+    let mut short = vec![pb::UploadArtifactRequest {
+        payload: Some(pb::upload_artifact_request::Payload::Metadata(
+            pb::UploadArtifactMetadata {
+                model_name: "tiny".into(),
+                version,
+                path: "model.safetensors".into(),
+                size_bytes: weights.len() as u64,
+                sha256: hex::encode(Sha256::digest(&weights)),
+                content_type: String::new(),
+            },
+        )),
+    }];
+    short.push(pb::UploadArtifactRequest {
+        payload: Some(pb::upload_artifact_request::Payload::Chunk(
+            weights[..1000].to_vec(),
+        )),
+    });
+    let status = client
+        .upload_artifact(tokio_stream::iter(short))
+        .await
+        .expect_err("truncated upload");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    // Nothing was recorded, so the version cannot become READY.
+    let status = client
+        .finalize_model_version(pb::FinalizeModelVersionRequest {
+            model_name: "tiny".into(),
+            version,
+            ..Default::default()
+        })
+        .await
+        .expect_err("no files");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+
+    let config = br#"{"architectures":["LlamaForCausalLM"]}"#;
+    upload(
+        &mut client,
+        "tiny",
+        version,
+        "model.safetensors",
+        &weights,
+        None,
+    )
+    .await
+    .expect("good upload");
+    upload(&mut client, "tiny", version, "config.json", config, None)
+        .await
+        .expect("good upload");
+    let ready = client
+        .finalize_model_version(pb::FinalizeModelVersionRequest {
+            model_name: "tiny".into(),
+            version,
+            ..Default::default()
+        })
+        .await
+        .expect("finalize")
+        .into_inner();
+    assert_eq!(ready.status, pb::ModelVersionStatus::Ready as i32);
+    let manifest = {
+        let mut files = [
+            (
+                "config.json",
+                hex::encode(Sha256::digest(config)),
+                config.len(),
+            ),
+            (
+                "model.safetensors",
+                hex::encode(Sha256::digest(&weights)),
+                weights.len(),
+            ),
+        ];
+        files.sort();
+        files
+            .iter()
+            .map(|(path, sha, size)| format!("{sha} {size} {path}\n"))
+            .collect::<String>()
+    };
+    assert_eq!(
+        ready.digest,
+        hex::encode(Sha256::digest(manifest.as_bytes()))
+    );
+    assert_eq!(
+        ready.total_size_bytes,
+        (weights.len() + config.len()) as u64
+    );
+    // READY is immutable: no more files.
+    let status = upload(&mut client, "tiny", version, "extra.bin", b"x", None)
+        .await
+        .expect_err("immutable");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+
+    for offset in [0u64, 1_234_567] {
+        let mut stream = client
+            .download_artifact(pb::DownloadArtifactRequest {
+                model_name: "tiny".into(),
+                version,
+                path: "model.safetensors".into(),
+                offset,
+            })
+            .await
+            .expect("download")
+            .into_inner();
+        let mut received = Vec::new();
+        let mut summary = None;
+        while let Some(message) = stream.next().await {
+            match message.expect("chunk").payload {
+                Some(pb::download_artifact_response::Payload::Chunk(chunk)) => {
+                    assert_eq!(chunk.offset, offset + received.len() as u64);
+                    assert!(chunk.data.len() <= 1024 * 1024);
+                    received.extend_from_slice(&chunk.data);
+                }
+                Some(pb::download_artifact_response::Payload::Summary(s)) => summary = Some(s),
+                None => panic!("empty message"),
+            }
+        }
+        assert_eq!(received, weights[offset as usize..]);
+        let summary = summary.expect("a final summary");
+        assert_eq!(summary.total_size_bytes, weights.len() as u64);
+        assert_eq!(summary.sha256, hex::encode(Sha256::digest(&weights)));
+    }
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alias_moves_are_atomic_watched_and_audited() {
+    let registry = Registry::start("aliases").await;
+    let mut client = registry.client.clone();
+    let mut versions = Vec::new();
+    for i in 0..3u8 {
+        versions.push(ready_version(&mut client, "adviser", &[i; 100]).await);
+    }
+    let pending = client
+        .create_model_version(new_version("adviser", ""))
+        .await
+        .expect("pending version")
+        .into_inner()
+        .version;
+
+    // Aliases only point at READY versions.
+    let status = client
+        .set_alias(pb::SetAliasRequest {
+            model_name: "adviser".into(),
+            alias: "production".into(),
+            version: pending,
+            ..Default::default()
+        })
+        .await
+        .expect_err("pending target");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+
+    let set = |version: u32, expected: Option<u32>| pb::SetAliasRequest {
+        model_name: "adviser".into(),
+        alias: "production".into(),
+        version,
+        expected_current_version: expected,
+        actor: "user:test".into(),
+        reason: "rollout".into(),
+    };
+    client
+        .set_alias(set(versions[0], Some(0)))
+        .await
+        .expect("create alias");
+
+    let mut watch = client
+        .watch_alias(pb::WatchAliasRequest {
+            model_name: "adviser".into(),
+            alias: "production".into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.next().await.expect("initial").expect("ok");
+    assert!(first.initial);
+    assert_eq!(first.current.expect("exists").version, versions[0]);
+
+    // Resolvers run while the alias moves; every answer is a READY version.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let resolvers: Vec<_> = (0..4)
+        .map(|_| {
+            let mut client = registry.client.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut seen = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let resolved = client
+                        .resolve_model_ref(pb::ResolveModelRefRequest {
+                            model_ref: "adviser@production".into(),
+                        })
+                        .await
+                        .expect("resolves")
+                        .into_inner();
+                    let version = resolved.version.expect("a version");
+                    assert_eq!(version.status, pb::ModelVersionStatus::Ready as i32);
+                    assert_eq!(resolved.alias, "production");
+                    seen += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+    let moves = [versions[1], versions[2], versions[0], versions[2]];
+    let mut current = versions[0];
+    for target in moves {
+        let response = client
+            .set_alias(set(target, Some(current)))
+            .await
+            .expect("move")
+            .into_inner();
+        assert_eq!(response.previous_version, Some(current));
+        current = target;
+    }
+    // A stale compare-and-set is refused.
+    let status = client
+        .set_alias(set(versions[1], Some(versions[0])))
+        .await
+        .expect_err("stale expected version");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for resolver in resolvers {
+        assert!(resolver.await.expect("resolver") > 0);
+    }
+
+    for target in moves {
+        let update = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("a move within 10s")
+            .expect("stream open")
+            .expect("ok");
+        assert!(!update.initial);
+        assert_eq!(update.event.expect("event").to_version, Some(target));
+    }
+
+    let history = client
+        .get_alias_history(pb::GetAliasHistoryRequest {
+            model_name: "adviser".into(),
+            alias: "production".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("history")
+        .into_inner()
+        .events;
+    let trail: Vec<(Option<u32>, Option<u32>)> = history
+        .iter()
+        .map(|e| (e.from_version, e.to_version))
+        .collect();
+    assert_eq!(
+        trail,
+        [
+            (None, Some(versions[0])),
+            (Some(versions[0]), Some(versions[1])),
+            (Some(versions[1]), Some(versions[2])),
+            (Some(versions[2]), Some(versions[0])),
+            (Some(versions[0]), Some(versions[2])),
+        ]
+    );
+    assert!(history.iter().all(|e| e.actor == "user:test"));
+
+    for (reference, expected) in [
+        ("adviser@production", versions[2]),
+        ("adviser@latest", versions[2]),
+        ("adviser", versions[2]),
+        (&format!("adviser/{}", versions[1]) as &str, versions[1]),
+    ] {
+        let resolved = client
+            .resolve_model_ref(pb::ResolveModelRefRequest {
+                model_ref: reference.into(),
+            })
+            .await
+            .expect("resolve")
+            .into_inner();
+        assert_eq!(
+            resolved.version.expect("version").version,
+            expected,
+            "{reference}"
+        );
+    }
+
+    // A model with an alias cannot be deleted.
+    let status = client
+        .delete_model(pb::DeleteModelRequest {
+            name: "adviser".into(),
+        })
+        .await
+        .expect_err("alias points into it");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    drop(watch);
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_right_code_naming_the_field() {
+    let registry = Registry::start("errors").await;
+    let mut client = registry.client.clone();
+    let create = |name: &str| pb::CreateModelRequest {
+        name: name.into(),
+        ..Default::default()
+    };
+    client.create_model(create("taken")).await.expect("create");
+
+    let cases: Vec<(Result<(), tonic::Status>, Code, &str)> = vec![
+        (
+            client.create_model(create("Bad Name")).await.map(drop),
+            Code::InvalidArgument,
+            "name",
+        ),
+        (
+            client
+                .create_model(create(&"x".repeat(129)))
+                .await
+                .map(drop),
+            Code::InvalidArgument,
+            "name",
+        ),
+        (
+            client.create_model(create("taken")).await.map(drop),
+            Code::AlreadyExists,
+            "taken",
+        ),
+        (
+            client
+                .get_model(pb::GetModelRequest {
+                    name: "missing".into(),
+                })
+                .await
+                .map(drop),
+            Code::NotFound,
+            "missing",
+        ),
+        (
+            client
+                .create_model_version(pb::CreateModelVersionRequest {
+                    model_name: "taken".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Code::InvalidArgument,
+            "format",
+        ),
+        (
+            client
+                .create_model_version(pb::CreateModelVersionRequest {
+                    create_model_if_missing: false,
+                    ..new_version("absent-model", "")
+                })
+                .await
+                .map(drop),
+            Code::NotFound,
+            "absent-model",
+        ),
+        (
+            client
+                .resolve_model_ref(pb::ResolveModelRefRequest {
+                    model_ref: "taken@Prod".into(),
+                })
+                .await
+                .map(drop),
+            Code::InvalidArgument,
+            "model_ref",
+        ),
+        (
+            client
+                .resolve_model_ref(pb::ResolveModelRefRequest {
+                    model_ref: "taken@production".into(),
+                })
+                .await
+                .map(drop),
+            Code::NotFound,
+            "production",
+        ),
+        (
+            client
+                .get_model_version(pb::GetModelVersionRequest {
+                    model_name: "taken".into(),
+                    version: 0,
+                })
+                .await
+                .map(drop),
+            Code::InvalidArgument,
+            "version",
+        ),
+        (
+            client
+                .list_models(pb::ListRegisteredModelsRequest {
+                    page_token: "bogus".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Code::InvalidArgument,
+            "page_token",
+        ),
+        (
+            client
+                .set_alias(pb::SetAliasRequest {
+                    model_name: "taken".into(),
+                    alias: "latest".into(),
+                    version: 1,
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Code::InvalidArgument,
+            "alias",
+        ),
+        (
+            client
+                .create_model_version(pb::CreateModelVersionRequest {
+                    lineage: Some(pb::Lineage {
+                        base_model_version: Some(pb::ResolvedModel {
+                            requested_ref: "ghost@production".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..new_version("taken", "")
+                })
+                .await
+                .map(drop),
+            Code::NotFound,
+            "lineage.base_model_version",
+        ),
+    ];
+    for (index, (result, code, needle)) in cases.into_iter().enumerate() {
+        match result {
+            Ok(()) => panic!("case {index}: expected {code:?}, got OK"),
+            Err(status) => {
+                assert_eq!(status.code(), code, "case {index}: {status:?}");
+                assert!(
+                    status.message().contains(needle),
+                    "case {index}: `{needle}` named in `{}`",
+                    status.message()
+                );
+            }
+        }
+    }
+    registry.stop().await;
+}
