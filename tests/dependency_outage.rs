@@ -98,3 +98,76 @@ async fn health_tracks_postgres_going_down_and_back() {
     service.await.expect("task").expect("clean stop");
     drop_schemas(&schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_answers_unavailable_while_postgres_is_down_and_recovers() {
+    use lmforge_proto::v1 as pb;
+    let url = database_url();
+    let proxy = TcpProxy::start(postgres_addr(&url)).await;
+    let schema = unique_name("registry");
+    let artifacts = tempfile::tempdir().expect("temp dir");
+    let mut config =
+        lmforge_registry::Config::try_parse_from(["lmforge-registry"]).expect("defaults");
+    config.postgres.database_url = url
+        .replacen(
+            &postgres_addr(&url).port().to_string(),
+            &proxy.addr.port().to_string(),
+            1,
+        )
+        .replace("localhost", "127.0.0.1");
+    config.schema = schema.clone();
+    config.artifacts = artifacts.path().display().to_string();
+    let listeners = Listeners::ephemeral().await.expect("bind");
+    let grpc = listeners.grpc_addr();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(lmforge_registry::serve(config, listeners, async {
+        let _ = stop_rx.await;
+    }));
+    probe::wait_serving(grpc).await.expect("serves");
+    let mut client =
+        pb::registry_service_client::RegistryServiceClient::connect(format!("http://{grpc}"))
+            .await
+            .expect("connect");
+    let get = pb::GetModelRequest {
+        name: "absent".into(),
+    };
+    assert_eq!(
+        client
+            .get_model(get.clone())
+            .await
+            .expect_err("absent")
+            .code(),
+        tonic::Code::NotFound
+    );
+
+    proxy.cut();
+    let started = std::time::Instant::now();
+    let status = client
+        .get_model(get.clone())
+        .await
+        .expect_err("database down");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered promptly, not a hang"
+    );
+    assert!(
+        !status.message().contains("SELECT"),
+        "no SQL leaks: {status:?}"
+    );
+
+    proxy.restore();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match client.get_model(get.clone()).await {
+            Err(status) if status.code() == tonic::Code::NotFound => break,
+            other => {
+                assert!(std::time::Instant::now() < deadline, "recovers: {other:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let _ = stop_tx.send(());
+    service.await.expect("task").expect("clean stop");
+    drop_schemas(&schema).await;
+}

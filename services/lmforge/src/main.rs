@@ -26,11 +26,85 @@ enum Command {
     /// Start the stack, check every service (health, reflection, admin port), print the
     /// endpoints and stop.
     Demo(UpArgs),
+    /// Registered models, versions and aliases.
+    Model {
+        /// Address of the registry service.
+        #[arg(
+            long,
+            env = "LMFORGE_REGISTRY_URL",
+            default_value = "http://127.0.0.1:50053",
+            global = true
+        )]
+        registry_url: String,
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
     /// Ask running servers (gRPC addresses) for their health and services.
     Health {
         /// gRPC addresses, e.g. 127.0.0.1:50053.
         #[arg(required = true)]
         addrs: Vec<SocketAddr>,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ModelCommand {
+    /// Register a new model name.
+    Create {
+        /// Lowercase letters, digits and -_./, at most 128 characters.
+        name: String,
+        /// Free text.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List models (optionally those whose name starts with a prefix).
+    List {
+        /// Name prefix.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+    /// Show one model and its versions.
+    Show {
+        /// Model name.
+        name: String,
+    },
+    /// List the versions of a model, newest first.
+    Versions {
+        /// Model name.
+        name: String,
+    },
+    /// Point an alias at a version (or delete it with --delete).
+    Alias {
+        /// Model name.
+        name: String,
+        /// Alias, e.g. production.
+        alias: String,
+        /// Target version (omit with --delete).
+        version: Option<u32>,
+        /// Delete the alias instead.
+        #[arg(long)]
+        delete: bool,
+    },
+    /// Register a Hugging Face checkpoint (or PEFT adapter) directory as a new version.
+    Import {
+        /// Directory with config.json, *.safetensors, tokenizer files.
+        dir: std::path::PathBuf,
+        /// Model name to add the version to (created when missing).
+        #[arg(long)]
+        name: String,
+        /// For adapters: the base version (`name/3`, `name@production`).
+        #[arg(long)]
+        parent: Option<String>,
+        /// Move this alias to the new version.
+        #[arg(long)]
+        alias: Option<String>,
+    },
+    /// Write a version's files (`name@alias`, `name/3`) into a directory.
+    Export {
+        /// Model reference.
+        reference: String,
+        /// Target directory (created when missing).
+        dir: std::path::PathBuf,
     },
 }
 
@@ -84,6 +158,10 @@ fn main() -> ExitCode {
             Command::Up(args) => up(args).await,
             Command::Demo(args) => demo(args).await,
             Command::Health { addrs } => health(addrs).await,
+            Command::Model {
+                registry_url,
+                command,
+            } => model(&registry_url, command).await,
         };
         let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
         outcome
@@ -209,5 +287,150 @@ async fn health(addrs: Vec<SocketAddr>) -> anyhow::Result<()> {
         }
     }
     anyhow::ensure!(!failed, "not every server is SERVING");
+    Ok(())
+}
+
+async fn model(registry_url: &str, command: ModelCommand) -> anyhow::Result<()> {
+    use lmforge::model_cmd;
+    use lmforge_proto::v1 as pb;
+    let mut client = model_cmd::connect(registry_url).await?;
+    let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+    match command {
+        ModelCommand::Create { name, description } => {
+            let model = client
+                .create_model(pb::CreateModelRequest {
+                    name,
+                    description,
+                    ..Default::default()
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("created model {}", model.name);
+        }
+        ModelCommand::List { prefix } => {
+            let filter = if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("name LIKE '{prefix}%'")
+            };
+            let mut token = String::new();
+            let mut models = Vec::new();
+            loop {
+                let page = client
+                    .list_models(pb::ListRegisteredModelsRequest {
+                        page_size: 200,
+                        page_token: token,
+                        filter: filter.clone(),
+                        order_by: String::new(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                models.extend(page.models);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            model_cmd::print_models(&models);
+        }
+        ModelCommand::Show { name } | ModelCommand::Versions { name } => {
+            let found = client
+                .get_model(pb::GetModelRequest { name: name.clone() })
+                .await
+                .map_err(status)?
+                .into_inner();
+            model_cmd::print_models(std::slice::from_ref(&found));
+            println!();
+            let versions = client
+                .list_model_versions(pb::ListModelVersionsRequest {
+                    model_name: name,
+                    page_size: 1000,
+                    ..Default::default()
+                })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .versions;
+            model_cmd::print_versions(&versions);
+        }
+        ModelCommand::Alias {
+            name,
+            alias,
+            version,
+            delete,
+        } => {
+            let actor = format!("user:{}", std::env::var("USER").unwrap_or_default());
+            if delete {
+                client
+                    .delete_alias(pb::DeleteAliasRequest {
+                        model_name: name.clone(),
+                        alias: alias.clone(),
+                        actor,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(status)?;
+                println!("deleted {name}@{alias}");
+            } else {
+                let version = version.context("give the target version, or --delete")?;
+                let moved = client
+                    .set_alias(pb::SetAliasRequest {
+                        model_name: name.clone(),
+                        alias: alias.clone(),
+                        version,
+                        actor,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                match moved.previous_version {
+                    Some(previous) => println!("{name}@{alias}: {previous} → {version}"),
+                    None => println!("{name}@{alias} → {version}"),
+                }
+            }
+        }
+        ModelCommand::Import {
+            dir,
+            name,
+            parent,
+            alias,
+        } => {
+            let version =
+                model_cmd::import(&mut client, &dir, &name, parent.as_deref(), true).await?;
+            println!(
+                "registered {}/{} ({} files, digest {})",
+                version.model_name,
+                version.version,
+                version.files.len(),
+                version.digest
+            );
+            if let Some(alias) = alias {
+                client
+                    .set_alias(pb::SetAliasRequest {
+                        model_name: name.clone(),
+                        alias: alias.clone(),
+                        version: version.version,
+                        actor: format!("user:{}", std::env::var("USER").unwrap_or_default()),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(status)?;
+                println!("{name}@{alias} → {}", version.version);
+            }
+        }
+        ModelCommand::Export { reference, dir } => {
+            let version = model_cmd::export(&mut client, &reference, &dir, true).await?;
+            println!(
+                "wrote {}/{} ({} files) to {}",
+                version.model_name,
+                version.version,
+                version.files.len(),
+                dir.display()
+            );
+        }
+    }
     Ok(())
 }

@@ -404,6 +404,54 @@ impl RegistryService for RegistryApi {
         )))
     }
 
+    async fn update_model_version(
+        &self,
+        request: Request<pb::UpdateModelVersionRequest>,
+    ) -> Result<Response<pb::ModelVersion>, Status> {
+        let pb::UpdateModelVersionRequest {
+            model_name,
+            version,
+            description,
+            set_tags,
+            delete_tags,
+            set_metrics,
+        } = request.into_inner();
+        validate_model_name("model_name", &model_name)?;
+        version_number("version", version)?;
+        if let Some((key, value)) = set_metrics.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(RegistryError::invalid(
+                "set_metrics",
+                format!("`{key}` is {value}; metrics must be finite"),
+            )
+            .into());
+        }
+        let updated = catalog::update_version(
+            &self.pool,
+            &model_name,
+            version,
+            description.as_deref(),
+            &convert::tags(set_tags),
+            &delete_tags,
+            &set_metrics.into_iter().collect(),
+        )
+        .await?;
+        Ok(Response::new(convert::version(updated, &self.store)))
+    }
+
+    async fn delete_model_version(
+        &self,
+        request: Request<pb::DeleteModelVersionRequest>,
+    ) -> Result<Response<()>, Status> {
+        let pb::DeleteModelVersionRequest {
+            model_name,
+            version,
+        } = request.into_inner();
+        validate_model_name("model_name", &model_name)?;
+        version_number("version", version)?;
+        catalog::delete_version(&self.pool, &model_name, version).await?;
+        Ok(Response::new(()))
+    }
+
     async fn resolve_model_ref(
         &self,
         request: Request<pb::ResolveModelRefRequest>,

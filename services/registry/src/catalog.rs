@@ -591,3 +591,84 @@ pub async fn file(pool: &PgPool, name: &str, version: u32, path: &str) -> Result
         .find(|f| f.path == path)
         .ok_or_else(|| RegistryError::NotFound(format!("file `{path}` in `{name}/{version}`")))
 }
+
+/// Changes a version's description, tags and metrics; nothing else of a version is mutable.
+pub async fn update_version(
+    pool: &PgPool,
+    name: &str,
+    version: u32,
+    description: Option<&str>,
+    set_tags: &BTreeMap<String, String>,
+    delete_tags: &[String],
+    set_metrics: &BTreeMap<String, f64>,
+) -> Result<Version> {
+    let mut tx = pool.begin().await?;
+    type Row = (
+        Uuid,
+        sqlx::types::Json<BTreeMap<String, String>>,
+        sqlx::types::Json<BTreeMap<String, f64>>,
+    );
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT v.id, v.tags, v.metrics FROM versions v JOIN models m ON m.id = v.model_id \
+         WHERE m.name = $1 AND v.version = $2 FOR UPDATE OF v",
+    )
+    .bind(name)
+    .bind(version as i32)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let (id, mut tags, mut metrics) = row.ok_or_else(|| version_not_found(name, version))?;
+    for key in delete_tags {
+        tags.0.remove(key);
+    }
+    tags.0.extend(set_tags.clone());
+    metrics.0.extend(set_metrics.clone());
+    sqlx::query(
+        "UPDATE versions SET description = COALESCE($2, description), tags = $3, metrics = $4, \
+         updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(description)
+    .bind(tags)
+    .bind(metrics)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    get_version(pool, name, version).await
+}
+
+/// Deletes a version; refused while an alias points to it or an adapter names it as parent.
+pub async fn delete_version(pool: &PgPool, name: &str, version: u32) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    let (id, _) = lock_pending(&mut tx, name, version).await?;
+    let aliases: Vec<String> =
+        sqlx::query_scalar("SELECT alias FROM aliases WHERE version_id = $1 ORDER BY alias")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+    if !aliases.is_empty() {
+        return Err(RegistryError::FailedPrecondition(format!(
+            "alias {} points to `{name}/{version}`; move or delete it first",
+            aliases.join(", ")
+        )));
+    }
+    let children: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT m.name, v.version FROM versions v JOIN models m ON m.id = v.model_id \
+         WHERE v.lineage -> 'parent_version' ->> 'name' = $1 \
+         AND (v.lineage -> 'parent_version' ->> 'version')::int = $2 LIMIT 5",
+    )
+    .bind(name)
+    .bind(version as i32)
+    .fetch_all(&mut *tx)
+    .await?;
+    if let Some((child, number)) = children.first() {
+        return Err(RegistryError::FailedPrecondition(format!(
+            "adapter `{child}/{number}` is built on `{name}/{version}`"
+        )));
+    }
+    sqlx::query("DELETE FROM versions WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}

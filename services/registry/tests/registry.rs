@@ -516,6 +516,47 @@ async fn alias_moves_are_atomic_watched_and_audited() {
         );
     }
 
+    // Versions: metadata is mutable, an aliased version cannot be deleted, others can.
+    let updated = client
+        .update_model_version(pb::UpdateModelVersionRequest {
+            model_name: "adviser".into(),
+            version: versions[2],
+            set_metrics: [("eval_loss".to_owned(), 0.9)].into(),
+            set_tags: [("stage".to_owned(), "canary".to_owned())].into(),
+            ..Default::default()
+        })
+        .await
+        .expect("update metadata")
+        .into_inner();
+    assert_eq!(updated.metrics.get("eval_loss"), Some(&0.9));
+    assert_eq!(
+        updated.tags.get("stage").map(String::as_str),
+        Some("canary")
+    );
+    let status = client
+        .delete_model_version(pb::DeleteModelVersionRequest {
+            model_name: "adviser".into(),
+            version: versions[2],
+        })
+        .await
+        .expect_err("aliased");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    client
+        .delete_model_version(pb::DeleteModelVersionRequest {
+            model_name: "adviser".into(),
+            version: versions[1],
+        })
+        .await
+        .expect("an unaliased version can go");
+    let status = client
+        .get_model_version(pb::GetModelVersionRequest {
+            model_name: "adviser".into(),
+            version: versions[1],
+        })
+        .await
+        .expect_err("deleted");
+    assert_eq!(status.code(), Code::NotFound);
+
     // A model with an alias cannot be deleted.
     let status = client
         .delete_model(pb::DeleteModelRequest {
