@@ -404,6 +404,49 @@ impl RegistryService for RegistryApi {
         )))
     }
 
+    async fn search_model_versions(
+        &self,
+        request: Request<pb::SearchModelVersionsRequest>,
+    ) -> Result<Response<pb::SearchModelVersionsResponse>, Status> {
+        let pb::SearchModelVersionsRequest {
+            filter,
+            statuses,
+            created,
+            order_by,
+            page_size,
+            page_token,
+        } = request.into_inner();
+        let clauses = crate::search::parse(&filter)?;
+        let order = crate::search::parse_order(&order_by)?;
+        let (limit, offset) = convert::page(page_size, &page_token)?;
+        let mut wanted = Vec::new();
+        for value in statuses {
+            wanted.extend(convert::status("statuses", value)?);
+        }
+        let time = |t: Option<prost_types::Timestamp>, field: &'static str| {
+            t.map(|t| {
+                chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
+                    .ok_or_else(|| RegistryError::invalid(field, "out of range"))
+            })
+            .transpose()
+        };
+        let created = created.unwrap_or_default();
+        let range = (
+            time(created.start, "created.start")?,
+            time(created.end, "created.end")?,
+        );
+        let (versions, more) =
+            catalog::search_versions(&self.pool, &clauses, &wanted, range, &order, limit, offset)
+                .await?;
+        Ok(Response::new(pb::SearchModelVersionsResponse {
+            versions: versions
+                .into_iter()
+                .map(|v| convert::version(v, &self.store))
+                .collect(),
+            next_page_token: convert::next_token(more, limit, offset),
+        }))
+    }
+
     async fn update_model_version(
         &self,
         request: Request<pb::UpdateModelVersionRequest>,

@@ -672,3 +672,112 @@ pub async fn delete_version(pool: &PgPool, name: &str, version: u32) -> Result<(
     tx.commit().await?;
     Ok(())
 }
+
+/// Versions across models matching parsed filter clauses, statuses and a creation range.
+pub async fn search_versions(
+    pool: &PgPool,
+    clauses: &[crate::search::Clause],
+    statuses: &[VersionStatus],
+    created: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
+    order: &crate::search::Order,
+    limit: i64,
+    offset: i64,
+) -> Result<(Vec<Version>, bool)> {
+    use crate::search::{Key, Order, Value};
+    let mut query = sqlx::QueryBuilder::<Postgres>::new(format!(
+        "SELECT {VERSION_COLUMNS} FROM versions v JOIN models m ON m.id = v.model_id WHERE TRUE"
+    ));
+    for clause in clauses {
+        query.push(" AND ");
+        match &clause.key {
+            // Fixed expressions chosen by the parser, never user text.
+            Key::Text(expression) | Key::Int(expression) => {
+                query.push(*expression);
+            }
+            Key::Tag(tag) => {
+                query.push("(v.tags->>");
+                query.push_bind(tag.clone());
+                query.push(")");
+            }
+            Key::Metric(metric) => {
+                query.push("((v.metrics->>");
+                query.push_bind(metric.clone());
+                query.push(")::float8)");
+            }
+        }
+        query.push(" ");
+        query.push(clause.op.sql());
+        query.push(" ");
+        let push_one = |query: &mut sqlx::QueryBuilder<Postgres>, value: &Value| match value {
+            Value::Number(n) => {
+                query.push_bind(*n);
+                query.push("::float8");
+            }
+            Value::Text(text) => {
+                query.push_bind(text.clone());
+            }
+            Value::List(_) => {}
+        };
+        match &clause.value {
+            Value::List(items) => {
+                query.push("(");
+                for (index, item) in items.iter().enumerate() {
+                    if index > 0 {
+                        query.push(", ");
+                    }
+                    push_one(&mut query, item);
+                }
+                query.push(")");
+            }
+            single => push_one(&mut query, single),
+        }
+    }
+    if !statuses.is_empty() {
+        let names: Vec<&str> = statuses.iter().map(|s| s.as_db()).collect();
+        query.push(" AND v.status = ANY(");
+        query.push_bind(names);
+        query.push(")");
+    }
+    if let Some(start) = created.0 {
+        query.push(" AND v.created_at >= ");
+        query.push_bind(start);
+    }
+    if let Some(end) = created.1 {
+        query.push(" AND v.created_at < ");
+        query.push_bind(end);
+    }
+    let direction = |descending: bool| if descending { " DESC" } else { " ASC" };
+    match order {
+        Order::CreatedAt(descending) => {
+            query.push(" ORDER BY v.created_at");
+            query.push(direction(*descending));
+        }
+        Order::Version(descending) => {
+            query.push(" ORDER BY v.version");
+            query.push(direction(*descending));
+        }
+        Order::Name(descending) => {
+            query.push(" ORDER BY m.name");
+            query.push(direction(*descending));
+            query.push(", v.version");
+        }
+        Order::Metric(metric, descending) => {
+            query.push(" ORDER BY (v.metrics->>");
+            query.push_bind(metric.clone());
+            query.push(")::float8");
+            query.push(direction(*descending));
+            query.push(" NULLS LAST");
+        }
+    }
+    query.push(", v.id LIMIT ");
+    query.push_bind(limit + 1);
+    query.push(" OFFSET ");
+    query.push_bind(offset);
+    let rows: Vec<VersionRow> = query.build_query_as().fetch_all(pool).await?;
+    let more = rows.len() as i64 > limit;
+    let mut versions = Vec::with_capacity(rows.len());
+    for row in rows.into_iter().take(limit as usize) {
+        versions.push(complete_version(pool, row).await?);
+    }
+    Ok((versions, more))
+}

@@ -14,6 +14,7 @@ pub mod convert;
 pub mod domain;
 pub mod error;
 pub mod names;
+pub mod search;
 
 use std::future::Future;
 

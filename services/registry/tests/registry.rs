@@ -557,6 +557,55 @@ async fn alias_moves_are_atomic_watched_and_audited() {
         .expect_err("deleted");
     assert_eq!(status.code(), Code::NotFound);
 
+    // Search across versions by metric, tag and status, ordered by a metric.
+    let search = |filter: &str, order_by: &str| pb::SearchModelVersionsRequest {
+        filter: filter.into(),
+        order_by: order_by.into(),
+        ..Default::default()
+    };
+    let found = client
+        .search_model_versions(search(
+            "metrics.eval_loss < 1.0 AND tags.stage = 'canary' AND name = 'adviser'",
+            "",
+        ))
+        .await
+        .expect("search")
+        .into_inner()
+        .versions;
+    assert_eq!(
+        found.iter().map(|v| v.version).collect::<Vec<_>>(),
+        [versions[2]]
+    );
+    let by_loss = client
+        .search_model_versions(search(
+            "name = 'adviser' AND status = 'READY'",
+            "metrics.eval_loss ASC",
+        ))
+        .await
+        .expect("search")
+        .into_inner()
+        .versions;
+    assert_eq!(
+        by_loss.first().map(|v| v.version),
+        Some(versions[2]),
+        "lowest loss first"
+    );
+    assert_eq!(
+        by_loss.len(),
+        2,
+        "READY only: the deleted and pending versions are out"
+    );
+    let status = client
+        .search_model_versions(search("metrics.eval_loss < 'low'", ""))
+        .await
+        .expect_err("bad filter");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("filter: at character"),
+        "{}",
+        status.message()
+    );
+
     // A model with an alias cannot be deleted.
     let status = client
         .delete_model(pb::DeleteModelRequest {
