@@ -1,0 +1,197 @@
+//! A paged KV cache: fixed-size blocks, a free-list block allocator, a block table per
+//! sequence.
+//!
+//! Each layer's keys and values live in one tensor of `num_blocks * block_size` slots
+//! (`[slots, kv_heads, head_dim]`); a sequence's token at position `p` is stored in slot
+//! `table.blocks[p / block_size] * block_size + p % block_size`. Sequences join by getting an
+//! empty [`BlockTable`] and leave by [`PagedKvCache::release`]: no other sequence's cache is
+//! copied or moved, and freed blocks are reused by the next sequence that needs one.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+
+/// Hands out block ids from a fixed pool.
+#[derive(Debug, Clone)]
+pub struct BlockAllocator {
+    free: Vec<u32>,
+    total: usize,
+}
+
+impl BlockAllocator {
+    pub fn new(total: usize) -> Self {
+        // Reversed so blocks are handed out in ascending order, which keeps tests readable.
+        Self {
+            free: (0..total as u32).rev().collect(),
+            total,
+        }
+    }
+    pub fn allocate(&mut self) -> Option<u32> {
+        self.free.pop()
+    }
+    pub fn free(&mut self, block: u32) {
+        debug_assert!(!self.free.contains(&block), "block {block} freed twice");
+        self.free.push(block);
+    }
+    pub fn num_free(&self) -> usize {
+        self.free.len()
+    }
+    pub fn total(&self) -> usize {
+        self.total
+    }
+}
+
+/// The blocks holding one sequence's cached tokens, in position order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockTable {
+    pub blocks: Vec<u32>,
+    /// Tokens already written to the cache (the next token's position).
+    pub len: usize,
+}
+
+/// Per-layer K and V storage in blocks.
+#[derive(Debug)]
+pub struct PagedKvCache {
+    pub block_size: usize,
+    pub(crate) k: Vec<Tensor>,
+    pub(crate) v: Vec<Tensor>,
+    allocator: BlockAllocator,
+}
+
+impl PagedKvCache {
+    /// A cache of `num_blocks` blocks of `block_size` tokens for every layer of `cfg`.
+    pub fn new(
+        cfg: &ModelConfig,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if block_size == 0 || num_blocks == 0 {
+            return Err(ModelError::KvCache(
+                "block_size and num_blocks must be positive".into(),
+            ));
+        }
+        let shape = (
+            num_blocks * block_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let mk = || Tensor::zeros(shape, dtype, device);
+        let k = (0..cfg.num_hidden_layers)
+            .map(|_| mk())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = (0..cfg.num_hidden_layers)
+            .map(|_| mk())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            block_size,
+            k,
+            v,
+            allocator: BlockAllocator::new(num_blocks),
+        })
+    }
+
+    /// Blocks still free.
+    pub fn num_free_blocks(&self) -> usize {
+        self.allocator.num_free()
+    }
+
+    /// Extra blocks `table` needs to take `new_tokens` more tokens.
+    pub fn blocks_needed(&self, table: &BlockTable, new_tokens: usize) -> usize {
+        (table.len + new_tokens)
+            .div_ceil(self.block_size)
+            .saturating_sub(table.blocks.len())
+    }
+
+    /// Allocate the blocks `table` needs for `new_tokens` more tokens, or fail leaving it as is.
+    pub fn reserve(&mut self, table: &mut BlockTable, new_tokens: usize) -> Result<()> {
+        let need = self.blocks_needed(table, new_tokens);
+        if need > self.allocator.num_free() {
+            return Err(ModelError::KvCache(format!(
+                "need {need} blocks, {} free",
+                self.allocator.num_free()
+            )));
+        }
+        for _ in 0..need {
+            table.blocks.push(
+                self.allocator
+                    .allocate()
+                    .expect("free count checked just above"),
+            );
+        }
+        Ok(())
+    }
+
+    /// Return a finished sequence's blocks to the pool.
+    pub fn release(&mut self, table: BlockTable) {
+        for b in table.blocks {
+            self.allocator.free(b);
+        }
+    }
+
+    /// The cache slot of position `pos` of the sequence with `table`.
+    pub fn slot(&self, table: &BlockTable, pos: usize) -> usize {
+        table.blocks[pos / self.block_size] as usize * self.block_size + pos % self.block_size
+    }
+
+    /// Store `k`, `v` (`[n, kv_heads, head_dim]`) for positions `start..start + n`.
+    pub(crate) fn write(
+        &self,
+        layer: usize,
+        table: &BlockTable,
+        start: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
+        let n = k.dim(0)?;
+        let mut i = 0;
+        while i < n {
+            // Write the run of tokens that fall in the same block with one copy.
+            let pos = start + i;
+            let run = (self.block_size - pos % self.block_size).min(n - i);
+            let slot = self.slot(table, pos);
+            self.k[layer].slice_set(&k.narrow(0, i, run)?.contiguous()?, 0, slot)?;
+            self.v[layer].slice_set(&v.narrow(0, i, run)?.contiguous()?, 0, slot)?;
+            i += run;
+        }
+        Ok(())
+    }
+
+    /// Keys and values `[ctx, kv_heads, head_dim]` at `slots` (a u32 tensor of slot ids).
+    pub(crate) fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.k[layer].index_select(slots, 0)?,
+            self.v[layer].index_select(slots, 0)?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserve_release_and_reuse_blocks() {
+        let cfg = ModelConfig::tiny();
+        let mut cache = PagedKvCache::new(&cfg, 4, 4, DType::F32, &Device::Cpu).expect("cache");
+        let mut a = BlockTable::default();
+        cache.reserve(&mut a, 5).expect("fits");
+        assert_eq!(a.blocks, vec![0, 1]);
+        let mut b = BlockTable::default();
+        cache.reserve(&mut b, 8).expect("fits");
+        assert_eq!(b.blocks, vec![2, 3]);
+        let mut c = BlockTable::default();
+        assert!(cache.reserve(&mut c, 1).is_err());
+        assert!(c.blocks.is_empty(), "failed reserve must not hold blocks");
+        cache.release(a);
+        cache.reserve(&mut c, 3).expect("reuses a freed block");
+        assert_eq!(c.blocks.len(), 1);
+        assert!(c.blocks[0] <= 1);
+        b.len = 7;
+        assert_eq!(cache.blocks_needed(&b, 1), 0);
+        assert_eq!(cache.blocks_needed(&b, 2), 1);
+        assert_eq!(cache.slot(&b, 5), 3 * 4 + 1);
+    }
+}

@@ -1,0 +1,114 @@
+//! A projection `y = x Wᵀ (+ b)` with the extras a serving/training model needs: an optional
+//! LoRA adapter (`+ scale · B A x`), an optional q8_0 quantized weight for serving, and
+//! seeded dropout ([`dropout`]) drawn from the crate's [`Rng`] so training is reproducible.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{Module, Tensor};
+
+use crate::error::Result;
+use crate::rng::Rng;
+
+/// A LoRA adapter on one projection: `ΔW = (alpha / rank) · B A`.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// `[rank, in]`, PEFT's `lora_A.weight`.
+    pub a: Tensor,
+    /// `[out, rank]`, PEFT's `lora_B.weight`.
+    pub b: Tensor,
+    /// `alpha / rank`.
+    pub scale: f64,
+    /// Dropout on the adapter's input while training.
+    pub dropout: f32,
+}
+
+/// One linear projection of the transformer.
+#[derive(Debug, Clone)]
+pub struct Proj {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
+    /// When set, serving uses this instead of `weight` (q8_0 weights).
+    pub quantized: Option<std::sync::Arc<QMatMul>>,
+    /// Whether serving may use the rayon [`crate::gemv`] path for small batches.
+    pub serving_gemv: bool,
+}
+
+/// Inverted dropout with a mask drawn from `rng`: each element is zeroed with probability `p`
+/// and the rest scaled by `1 / (1 - p)`, so the expectation is unchanged.
+pub fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = 1.0 / (1.0 - p as f64);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| {
+            if rng.uniform() < p as f64 {
+                0.0
+            } else {
+                keep as f32
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok(x.mul(&mask)?)
+}
+
+/// `x [n, in] · wᵀ [in, out]` for any number of leading dims of `x`.
+fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let inner = dims[dims.len() - 1];
+    let rows = x.elem_count() / inner;
+    // Flatten to 2-D so the transposed weight is read in place by the gemm, never copied.
+    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("x has at least one dim") = w.dim(0)?;
+    Ok(y.reshape(out)?)
+}
+
+impl Proj {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            lora: None,
+            quantized: None,
+            serving_gemv: true,
+        }
+    }
+
+    /// Apply the projection; `rng` is `Some` while training (enables LoRA dropout).
+    pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        self.apply(x, rng, false)
+    }
+
+    /// Apply the projection for serving: `x` is `[n, in]`; small `n` (decode steps) takes
+    /// the bandwidth-bound [`crate::gemv`] path. Records no gradient.
+    pub fn forward_serving(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, None, true)
+    }
+
+    fn apply(&self, x: &Tensor, rng: Option<&mut Rng>, serving: bool) -> Result<Tensor> {
+        let small = if serving && self.serving_gemv && self.quantized.is_none() && x.rank() == 2 {
+            crate::gemv::matmul_t_small(x, &self.weight)?
+        } else {
+            None
+        };
+        let mut y = match (&self.quantized, small) {
+            (_, Some(y)) => y,
+            (Some(q), None) => q.forward(x)?,
+            (None, None) => matmul_t(x, &self.weight)?,
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            let xin = match rng {
+                Some(rng) => dropout(x, l.dropout, rng)?,
+                None => x.clone(),
+            };
+            let delta = matmul_t(&matmul_t(&xin, &l.a)?, &l.b)?;
+            y = (y + (delta * l.scale)?)?;
+        }
+        Ok(y)
+    }
+}

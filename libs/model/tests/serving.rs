@@ -1,0 +1,137 @@
+//! The batched paged-cache forward equals the training forward while sequences with mixed
+//! positions join (prefill chunks) and leave (blocks freed and reused).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use lmforge_model::infer::SeqInput;
+use lmforge_model::kv_cache::{BlockTable, PagedKvCache};
+use lmforge_model::{Architecture, Model, ModelConfig};
+
+struct Seq {
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    fed: usize,
+    join: usize,
+    table: Option<BlockTable>,
+}
+
+fn run_schedule(cfg: &ModelConfig) {
+    let map = common::random_weights(cfg, DType::F32, 2, 0.2);
+    let model = Model::new(cfg, &map).expect("model");
+    // block 4, 9 blocks: A, B and C fill 8; D can only join after B's blocks come back.
+    let mut cache = PagedKvCache::new(cfg, 9, 4, DType::F32, &Device::Cpu).expect("cache");
+    let spec = [(12, 5, 0), (7, 3, 0), (10, 6, 2), (9, 4, 5)];
+    let mut seqs: Vec<Seq> = spec
+        .iter()
+        .enumerate()
+        .map(|(i, &(len, prompt_len, join))| Seq {
+            tokens: common::random_ids(1, len, cfg.vocab_size, 100 + i as u64)
+                .flatten_all()
+                .expect("flat")
+                .to_vec1()
+                .expect("vec"),
+            prompt_len,
+            fed: 0,
+            join,
+            table: None,
+        })
+        .collect();
+    let mut checked = 0;
+    let mut reused = false;
+    let mut freed_by_b: Vec<u32> = Vec::new();
+    for step in 0..20 {
+        let mut idx = Vec::new();
+        let mut chunks = Vec::new();
+        for (i, s) in seqs.iter_mut().enumerate() {
+            if step < s.join || s.fed == s.tokens.len() {
+                continue;
+            }
+            if s.table.is_none() {
+                s.table = Some(BlockTable::default());
+            }
+            // Prompts arrive in chunks of at most 3 tokens, then one token per step.
+            let n = if s.fed < s.prompt_len {
+                (s.prompt_len - s.fed).min(3)
+            } else {
+                1
+            };
+            idx.push(i);
+            chunks.push((s.fed, n));
+        }
+        if idx.is_empty() {
+            break;
+        }
+        let mut tables: Vec<BlockTable> = idx
+            .iter()
+            .map(|&i| seqs[i].table.take().expect("joined"))
+            .collect();
+        let mut inputs: Vec<SeqInput<'_>> = tables
+            .iter_mut()
+            .zip(&idx)
+            .zip(&chunks)
+            .map(|((table, &i), &(fed, n))| SeqInput {
+                tokens: &seqs[i].tokens[fed..fed + n],
+                table,
+            })
+            .collect();
+        let logits = model
+            .forward_batch(&mut cache, &mut inputs)
+            .expect("batched forward");
+        drop(inputs);
+        for (row, (&i, &(fed, n))) in idx.iter().zip(&chunks).enumerate() {
+            let upto = fed + n;
+            let ids = Tensor::new(&seqs[i].tokens[..upto], &Device::Cpu)
+                .expect("ids")
+                .unsqueeze(0)
+                .expect("batch");
+            let full = model
+                .forward_train(&ids, None, None)
+                .expect("training forward");
+            let want = full.get(0).expect("row").get(upto - 1).expect("pos");
+            let got = logits.get(row).expect("row");
+            let d = common::max_abs_diff(&want, &got);
+            assert!(d < 1e-4, "seq {i} at position {}: max diff {d}", upto - 1);
+            checked += 1;
+            seqs[i].fed = upto;
+        }
+        for (&i, table) in idx.iter().zip(tables) {
+            assert_eq!(table.len, seqs[i].fed);
+            if i == 3 && table.blocks.iter().any(|b| freed_by_b.contains(b)) {
+                reused = true;
+            }
+            if i == 1 && seqs[i].fed == seqs[i].tokens.len() {
+                freed_by_b = table.blocks.clone();
+            }
+            if seqs[i].fed == seqs[i].tokens.len() {
+                cache.release(table);
+            } else {
+                seqs[i].table = Some(table);
+            }
+        }
+    }
+    assert!(
+        seqs.iter().all(|s| s.fed == s.tokens.len()),
+        "schedule did not finish"
+    );
+    assert!(reused, "sequence D should reuse blocks B freed");
+    assert!(checked > 25);
+    assert_eq!(cache.num_free_blocks(), 9);
+}
+
+#[test]
+fn batched_paged_decode_matches_training_forward_llama() {
+    run_schedule(&common::micro_config(Architecture::Llama, false));
+}
+
+#[test]
+fn batched_paged_decode_matches_training_forward_qwen2_tied() {
+    run_schedule(&common::micro_config(Architecture::Qwen2, true));
+}
+
+#[test]
+fn sliding_window_is_applied_in_both_forwards() {
+    let mut cfg = common::micro_config(Architecture::Mistral, false);
+    cfg.sliding_window = Some(3);
+    run_schedule(&cfg);
+}
