@@ -73,6 +73,18 @@ enum ModelCommand {
         /// Model name.
         name: String,
     },
+    /// Search versions across models, e.g. "metrics.eval_loss < 2.1 AND tags.domain = 'bank'".
+    Search {
+        /// Filter expression (grammar in proto/lmforge/v1/registry.proto).
+        #[arg(default_value = "")]
+        filter: String,
+        /// created_at (default), version, name or metrics.<key>, then ASC or DESC.
+        #[arg(long, default_value = "")]
+        order_by: String,
+        /// At most this many versions.
+        #[arg(long, default_value_t = 50)]
+        limit: i32,
+    },
     /// Point an alias at a version (or delete it with --delete).
     Alias {
         /// Model name.
@@ -347,6 +359,24 @@ async fn model(registry_url: &str, command: ModelCommand) -> anyhow::Result<()> 
                 .list_model_versions(pb::ListModelVersionsRequest {
                     model_name: name,
                     page_size: 1000,
+                    ..Default::default()
+                })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .versions;
+            model_cmd::print_versions(&versions);
+        }
+        ModelCommand::Search {
+            filter,
+            order_by,
+            limit,
+        } => {
+            let versions = client
+                .search_model_versions(pb::SearchModelVersionsRequest {
+                    filter,
+                    order_by,
+                    page_size: limit,
                     ..Default::default()
                 })
                 .await

@@ -342,8 +342,8 @@ pub fn print_models(models: &[pb::RegisteredModel]) {
 /// Prints versions as a table.
 pub fn print_versions(versions: &[pb::ModelVersion]) {
     println!(
-        "{:>7}  {:<8} {:<15} {:>12}  {:<14} {:<20} aliases",
-        "version", "status", "format", "size", "digest", "metrics"
+        "{:<30} {:>7}  {:<8} {:<15} {:>12}  {:<14} {:<20} aliases",
+        "model", "version", "status", "format", "size", "digest", "metrics"
     );
     for v in versions {
         let mut metrics: Vec<String> = v
@@ -353,7 +353,8 @@ pub fn print_versions(versions: &[pb::ModelVersion]) {
             .collect();
         metrics.sort();
         println!(
-            "{:>7}  {:<8} {:<15} {:>12}  {:<14} {:<20} {}",
+            "{:<30} {:>7}  {:<8} {:<15} {:>12}  {:<14} {:<20} {}",
+            v.model_name,
             v.version,
             status_name(v.status),
             format!(

@@ -44,12 +44,27 @@ struct VersionRow {
     created_at: DateTime<Utc>,
     finalized_at: Option<DateTime<Utc>>,
     updated_at: DateTime<Utc>,
+    files: sqlx::types::Json<Vec<FileRow>>,
+    aliases: Vec<String>,
 }
 
+#[derive(serde::Deserialize)]
+struct FileRow {
+    path: String,
+    size_bytes: i64,
+    sha256: String,
+    content_type: String,
+}
+
+/// A version row with its files and aliases, in one round trip (resolution is the hot path).
 const VERSION_COLUMNS: &str = "v.id, m.name AS model_name, v.version, v.status, v.status_message, \
     v.format, v.digest, v.lineage, v.hyperparameters, v.metrics, v.chat_template, v.architecture, \
     v.context_length, v.parameter_count, v.description, v.tags, v.created_by, v.created_at, \
-    v.finalized_at, v.updated_at";
+    v.finalized_at, v.updated_at, \
+    COALESCE((SELECT json_agg(json_build_object('path', f.path, 'size_bytes', f.size_bytes, \
+        'sha256', f.sha256, 'content_type', f.content_type) ORDER BY f.path) \
+        FROM version_files f WHERE f.version_id = v.id), '[]'::json) AS files, \
+    ARRAY(SELECT a.alias FROM aliases a WHERE a.version_id = v.id ORDER BY a.alias) AS aliases";
 
 fn model_not_found(name: &str) -> RegistryError {
     RegistryError::NotFound(format!("model `{name}`"))
@@ -343,22 +358,11 @@ pub async fn get_version(pool: &PgPool, name: &str, version: u32) -> Result<Vers
     .fetch_optional(pool)
     .await?;
     let row = row.ok_or_else(|| version_not_found(name, version))?;
-    complete_version(pool, row).await
+    Ok(version_from_row(row))
 }
 
-async fn complete_version(pool: &PgPool, row: VersionRow) -> Result<Version> {
-    let files: Vec<(String, i64, String, String)> = sqlx::query_as(
-        "SELECT path, size_bytes, sha256, content_type FROM version_files WHERE version_id = $1 ORDER BY path",
-    )
-    .bind(row.id)
-    .fetch_all(pool)
-    .await?;
-    let aliases: Vec<String> =
-        sqlx::query_scalar("SELECT alias FROM aliases WHERE version_id = $1 ORDER BY alias")
-            .bind(row.id)
-            .fetch_all(pool)
-            .await?;
-    Ok(Version {
+fn version_from_row(row: VersionRow) -> Version {
+    Version {
         id: row.id,
         model_name: row.model_name,
         version: row.version.max(0) as u32,
@@ -366,13 +370,15 @@ async fn complete_version(pool: &PgPool, row: VersionRow) -> Result<Version> {
         status_message: row.status_message,
         format: row.format,
         digest: row.digest,
-        files: files
+        files: row
+            .files
+            .0
             .into_iter()
-            .map(|(path, size, sha256, content_type)| FileEntry {
-                path,
-                size_bytes: size.max(0) as u64,
-                sha256,
-                content_type,
+            .map(|f| FileEntry {
+                path: f.path,
+                size_bytes: f.size_bytes.max(0) as u64,
+                sha256: f.sha256,
+                content_type: f.content_type,
             })
             .collect(),
         lineage: row.lineage.0,
@@ -384,12 +390,12 @@ async fn complete_version(pool: &PgPool, row: VersionRow) -> Result<Version> {
         parameter_count: row.parameter_count.max(0) as u64,
         description: row.description,
         tags: row.tags.0,
-        aliases,
+        aliases: row.aliases,
         created_by: row.created_by,
         created_at: row.created_at,
         finalized_at: row.finalized_at,
         updated_at: row.updated_at,
-    })
+    }
 }
 
 /// A page of one model's versions, newest first, optionally only in `statuses`.
@@ -416,7 +422,7 @@ pub async fn list_versions(
     let more = rows.len() as i64 > limit;
     let mut versions = Vec::with_capacity(rows.len());
     for row in rows.into_iter().take(limit as usize) {
-        versions.push(complete_version(pool, row).await?);
+        versions.push(version_from_row(row));
     }
     Ok((versions, more))
 }
@@ -564,20 +570,17 @@ pub async fn resolve(pool: &PgPool, reference: &ModelRef) -> Result<(Version, Op
             }
         }
         ModelRef::Alias(name, alias) => {
-            let number: Option<i32> = sqlx::query_scalar(
-                "SELECT v.version FROM aliases a JOIN models m ON m.id = a.model_id \
-                 JOIN versions v ON v.id = a.version_id WHERE m.name = $1 AND a.alias = $2",
-            )
+            let row: Option<VersionRow> = sqlx::query_as(&format!(
+                "SELECT {VERSION_COLUMNS} FROM aliases al JOIN models m ON m.id = al.model_id \
+                 JOIN versions v ON v.id = al.version_id WHERE m.name = $1 AND al.alias = $2"
+            ))
             .bind(name)
             .bind(alias)
             .fetch_optional(pool)
             .await?;
-            let number =
-                number.ok_or_else(|| RegistryError::NotFound(format!("alias `{name}@{alias}`")))?;
-            Ok((
-                get_version(pool, name, number as u32).await?,
-                Some(alias.clone()),
-            ))
+            let row =
+                row.ok_or_else(|| RegistryError::NotFound(format!("alias `{name}@{alias}`")))?;
+            Ok((version_from_row(row), Some(alias.clone())))
         }
     }
 }
@@ -777,7 +780,7 @@ pub async fn search_versions(
     let more = rows.len() as i64 > limit;
     let mut versions = Vec::with_capacity(rows.len());
     for row in rows.into_iter().take(limit as usize) {
-        versions.push(complete_version(pool, row).await?);
+        versions.push(version_from_row(row));
     }
     Ok((versions, more))
 }
