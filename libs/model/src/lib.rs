@@ -26,6 +26,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod lora;
 pub mod loss;
+mod mmap;
 pub mod model;
 pub mod optim;
 pub mod quant;

@@ -160,15 +160,13 @@ pub fn varmap_from_tensors(
 
 /// Read every tensor of one `.safetensors` file (on the CPU; callers move them).
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    // A whole-file read rather than a memory map: the workspace forbids `unsafe`, and
-    // candle's mmap entry points are `unsafe fn`.
-    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-    candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
-        ModelError::Checkpoint {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        }
-    })
+    if !path.is_file() {
+        return Err(ModelError::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        ));
+    }
+    crate::mmap::read_safetensors(path)
 }
 
 /// Write `tensors` to `path` with the `{"format": "pt"}` metadata `transformers` checks.
