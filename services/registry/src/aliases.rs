@@ -38,6 +38,23 @@ pub fn channel(schema: &str) -> String {
     format!("{schema}_alias_moves")
 }
 
+/// The channel announcing version changes (finalize, update, delete) of a schema.
+pub fn changes_channel(schema: &str) -> String {
+    format!("{schema}_version_changes")
+}
+
+/// Tells every replica that resolutions may have changed (their caches clear).
+pub async fn announce_change(pool: &PgPool, schema: &str) {
+    if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
+        .bind(changes_channel(schema))
+        .execute(pool)
+        .await
+    {
+        // Other replicas then rely on their cache TTL.
+        tracing::warn!(%error, "could not announce a version change");
+    }
+}
+
 /// Applies a move; returns the alias after it (None when deleted) and the previous version.
 pub async fn apply(
     pool: &PgPool,
@@ -236,17 +253,27 @@ pub struct AliasWatcher {
 }
 
 impl AliasWatcher {
-    /// Starts listening on the schema's channel; reconnects by itself (sqlx's listener
-    /// re-issues LISTEN after a lost connection).
-    pub async fn start(pool: &PgPool, schema: &str) -> Result<Self> {
+    /// Starts listening on the schema's channels; reconnects by itself (sqlx's listener
+    /// re-issues LISTEN after a lost connection). Every notification clears `cache`.
+    pub async fn start(
+        pool: &PgPool,
+        schema: &str,
+        cache: crate::cache::ResolveCache,
+    ) -> Result<Self> {
         let mut listener = PgListener::connect_with(pool).await?;
-        listener.listen(&channel(schema)).await?;
+        let moves = channel(schema);
+        let changes = changes_channel(schema);
+        listener
+            .listen_all([moves.as_str(), changes.as_str()])
+            .await?;
         let (events_tx, _) = broadcast::channel(1024);
         let sender = events_tx.clone();
         tokio::spawn(async move {
             loop {
                 match listener.recv().await {
+                    Ok(notification) if notification.channel() == changes => cache.invalidate(),
                     Ok(notification) => {
+                        cache.invalidate();
                         match serde_json::from_str::<AliasEvent>(notification.payload()) {
                             Ok(event) => {
                                 // No receivers is fine: nobody is watching right now.
@@ -256,6 +283,8 @@ impl AliasWatcher {
                         }
                     }
                     Err(error) => {
+                        // Notifications may have been missed while disconnected.
+                        cache.invalidate();
                         tracing::warn!(%error, "alias listener lost its connection, retrying");
                         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                     }

@@ -31,17 +31,32 @@ pub struct RegistryApi {
     store: ArtifactStore,
     schema: String,
     watcher: AliasWatcher,
+    cache: crate::cache::ResolveCache,
 }
 
 impl RegistryApi {
     /// An API over `pool` (scoped to `schema`) and `store`.
-    pub fn new(pool: PgPool, store: ArtifactStore, schema: String, watcher: AliasWatcher) -> Self {
+    pub fn new(
+        pool: PgPool,
+        store: ArtifactStore,
+        schema: String,
+        watcher: AliasWatcher,
+        cache: crate::cache::ResolveCache,
+    ) -> Self {
         Self {
             pool,
             store,
             schema,
             watcher,
+            cache,
         }
+    }
+
+    /// After a change that may alter resolutions: clear this replica's cache now and tell
+    /// the others.
+    async fn changed(&self) {
+        self.cache.invalidate();
+        aliases::announce_change(&self.pool, &self.schema).await;
     }
 }
 
@@ -134,6 +149,7 @@ impl RegistryService for RegistryApi {
         let pb::DeleteModelRequest { name } = request.into_inner();
         validate_model_name("name", &name)?;
         catalog::delete_model(&self.pool, &name).await?;
+        self.changed().await;
         Ok(Response::new(()))
     }
 
@@ -332,6 +348,7 @@ impl RegistryService for RegistryApi {
             &expected_digest,
         )
         .await?;
+        self.changed().await;
         Ok(Response::new(convert::version(finalized, &self.store)))
     }
 
@@ -478,6 +495,7 @@ impl RegistryService for RegistryApi {
             &set_metrics.into_iter().collect(),
         )
         .await?;
+        self.changed().await;
         Ok(Response::new(convert::version(updated, &self.store)))
     }
 
@@ -492,6 +510,7 @@ impl RegistryService for RegistryApi {
         validate_model_name("model_name", &model_name)?;
         version_number("version", version)?;
         catalog::delete_version(&self.pool, &model_name, version).await?;
+        self.changed().await;
         Ok(Response::new(()))
     }
 
@@ -501,7 +520,16 @@ impl RegistryService for RegistryApi {
     ) -> Result<Response<pb::ResolveModelRefResponse>, Status> {
         let pb::ResolveModelRefRequest { model_ref } = request.into_inner();
         let reference = parse_model_ref("model_ref", &model_ref)?;
-        let (version, alias) = catalog::resolve(&self.pool, &reference).await?;
+        let key = model_ref.trim();
+        let (version, alias) = match self.cache.get(key) {
+            Some(hit) => hit,
+            None => {
+                let generation = self.cache.generation();
+                let resolved = catalog::resolve(&self.pool, &reference).await?;
+                self.cache.insert(generation, key, resolved.clone());
+                resolved
+            }
+        };
         Ok(Response::new(pb::ResolveModelRefResponse {
             version: Some(convert::version(version, &self.store)),
             alias: alias.unwrap_or_default(),
@@ -533,6 +561,8 @@ impl RegistryService for RegistryApi {
             reason: &reason,
         };
         let (moved, previous) = aliases::apply(&self.pool, &self.schema, &change).await?;
+        // Other replicas learn of the move through its notification.
+        self.cache.invalidate();
         Ok(Response::new(pb::SetAliasResponse {
             alias: moved.map(convert::alias),
             previous_version: previous,
@@ -561,6 +591,7 @@ impl RegistryService for RegistryApi {
             reason: &reason,
         };
         aliases::apply(&self.pool, &self.schema, &change).await?;
+        self.cache.invalidate();
         Ok(Response::new(()))
     }
 

@@ -8,6 +8,7 @@
 
 pub mod aliases;
 pub mod api;
+pub mod cache;
 pub mod catalog;
 pub mod config;
 pub mod convert;
@@ -48,7 +49,8 @@ pub async fn serve(
             reason: e.to_string(),
         }
     })?;
-    let watcher = aliases::AliasWatcher::start(&pool, &config.schema)
+    let cache = cache::ResolveCache::default();
+    let watcher = aliases::AliasWatcher::start(&pool, &config.schema, cache.clone())
         .await
         .map_err(|e| StartupError::Invalid {
             setting: "LMFORGE_DATABASE_URL",
@@ -69,6 +71,7 @@ pub async fn serve(
             store,
             config.schema.clone(),
             watcher,
+            cache,
         )));
     host.run(router, listeners, shutdown).await
 }

@@ -27,7 +27,12 @@ impl Registry {
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let schema = format!("t{}_{n}_{label}", std::process::id());
-        let artifacts = tempfile::tempdir().expect("temp dir");
+        Self::start_on(&schema, tempfile::tempdir().expect("temp dir")).await
+    }
+
+    /// A registry replica on an existing schema and artifact directory.
+    async fn start_on(schema: &str, artifacts: tempfile::TempDir) -> Self {
+        let schema = schema.to_owned();
         let mut config =
             lmforge_registry::Config::try_parse_from(["lmforge-registry"]).expect("defaults");
         if let Ok(url) = std::env::var("LMFORGE_DATABASE_URL") {
@@ -71,6 +76,16 @@ impl Registry {
             task: Some(task),
             schema,
             _artifacts: artifacts,
+        }
+    }
+
+    /// Stops this replica but leaves the schema to the replica that owns it.
+    async fn stop_keeping_schema(mut self) {
+        if let Some(stop_tx) = self.stop_tx.take() {
+            let _ = stop_tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("task").expect("clean stop");
         }
     }
 
@@ -766,4 +781,95 @@ async fn bad_input_gets_the_right_code_naming_the_field() {
         }
     }
     registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_on_one_replica_reaches_the_resolve_cache_of_another() {
+    let first = Registry::start("replicas").await;
+    let shared = tempfile::tempdir().expect("temp dir");
+    let second = Registry::start_on(&first.schema, shared).await;
+    let mut a = first.client.clone();
+    let mut b = second.client.clone();
+    let one = ready_version(&mut a, "shared", b"one").await;
+    let two = ready_version(&mut a, "shared", b"two").await;
+    let set = |version: u32| pb::SetAliasRequest {
+        model_name: "shared".into(),
+        alias: "production".into(),
+        version,
+        ..Default::default()
+    };
+    a.set_alias(set(one)).await.expect("alias");
+    let resolve = pb::ResolveModelRefRequest {
+        model_ref: "shared@production".into(),
+    };
+    let resolved = |r: pb::ResolveModelRefResponse| r.version.expect("version").version;
+    // Replica B resolves (and caches) version one.
+    assert_eq!(
+        resolved(
+            b.resolve_model_ref(resolve.clone())
+                .await
+                .expect("b")
+                .into_inner()
+        ),
+        one
+    );
+    assert_eq!(
+        resolved(
+            b.resolve_model_ref(resolve.clone())
+                .await
+                .expect("b")
+                .into_inner()
+        ),
+        one
+    );
+    // A moves the alias; B's cache is cleared by the notification, well before its TTL.
+    a.set_alias(set(two)).await.expect("move");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let now = resolved(
+            b.resolve_model_ref(resolve.clone())
+                .await
+                .expect("b")
+                .into_inner(),
+        );
+        if now == two {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replica B still answers {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Read-your-writes on the replica that moved it: immediate.
+    a.set_alias(set(one)).await.expect("move back");
+    assert_eq!(
+        resolved(
+            a.resolve_model_ref(resolve.clone())
+                .await
+                .expect("a")
+                .into_inner()
+        ),
+        one
+    );
+    // Finalizing a new version changes `@latest` at once too.
+    let latest = pb::ResolveModelRefRequest {
+        model_ref: "shared@latest".into(),
+    };
+    assert_eq!(
+        resolved(
+            a.resolve_model_ref(latest.clone())
+                .await
+                .expect("a")
+                .into_inner()
+        ),
+        two
+    );
+    let three = ready_version(&mut a, "shared", b"three").await;
+    assert_eq!(
+        resolved(a.resolve_model_ref(latest).await.expect("a").into_inner()),
+        three
+    );
+    second.stop_keeping_schema().await;
+    first.stop().await;
 }
