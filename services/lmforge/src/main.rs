@@ -324,7 +324,7 @@ async fn model(registry_url: &str, command: ModelCommand) -> anyhow::Result<()> 
             let filter = if prefix.is_empty() {
                 String::new()
             } else {
-                format!("name LIKE '{prefix}%'")
+                format!("name LIKE '{}%'", prefix.replace('\'', "''"))
             };
             let mut token = String::new();
             let mut models = Vec::new();

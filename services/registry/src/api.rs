@@ -108,12 +108,30 @@ impl RegistryService for RegistryApi {
             order_by,
         } = request.into_inner();
         let (limit, offset) = convert::page(page_size, &page_token)?;
-        // Supported so far: empty, or `name LIKE 'prefix%'`.
-        let prefix = parse_name_prefix_filter(&filter)?;
-        if !order_by.is_empty() && order_by.trim() != "name" && order_by.trim() != "name ASC" {
-            return Err(RegistryError::invalid("order_by", "only `name` is supported").into());
+        let clauses = crate::search::parse(&filter)?;
+        crate::search::check_model_keys(&clauses)?;
+        let mut parts = order_by.split_whitespace();
+        let column = parts.next().unwrap_or("name");
+        if !matches!(column, "name" | "created_at" | "updated_at") {
+            return Err(RegistryError::invalid(
+                "order_by",
+                format!("`{column}`: use name, created_at or updated_at"),
+            )
+            .into());
         }
-        let (models, more) = catalog::list_models(&self.pool, &prefix, limit, offset).await?;
+        let descending = match parts.next().map(str::to_ascii_uppercase).as_deref() {
+            None | Some("ASC") => false,
+            Some("DESC") => true,
+            Some(other) => {
+                return Err(RegistryError::invalid(
+                    "order_by",
+                    format!("`{other}`: expected ASC or DESC"),
+                )
+                .into());
+            }
+        };
+        let (models, more) =
+            catalog::list_models(&self.pool, &clauses, (column, descending), limit, offset).await?;
         Ok(Response::new(pb::ListRegisteredModelsResponse {
             models: models.into_iter().map(convert::model).collect(),
             next_page_token: convert::next_token(more, limit, offset),
@@ -664,34 +682,6 @@ impl RegistryService for RegistryApi {
             moves,
         )))
     }
-}
-
-/// `name LIKE 'prefix%'` (or empty) → the prefix. The full filter grammar is not served yet.
-fn parse_name_prefix_filter(filter: &str) -> Result<String, RegistryError> {
-    let filter = filter.trim();
-    if filter.is_empty() {
-        return Ok(String::new());
-    }
-    let unsupported = || {
-        RegistryError::invalid(
-            "filter",
-            format!("`{filter}`: only `name LIKE '<prefix>%'` is supported for models so far"),
-        )
-    };
-    let rest = filter
-        .strip_prefix("name")
-        .map(str::trim_start)
-        .and_then(|r| r.strip_prefix("LIKE").or_else(|| r.strip_prefix("like")))
-        .map(str::trim)
-        .ok_or_else(unsupported)?;
-    let quoted = rest
-        .strip_prefix('\'')
-        .and_then(|r| r.strip_suffix("%'"))
-        .ok_or_else(unsupported)?;
-    if quoted.contains(['%', '_', '\'']) {
-        return Err(unsupported());
-    }
-    Ok(quoted.to_owned())
 }
 
 /// Streams a blob as chunks with their offsets, then a summary; from offset 0 it re-hashes

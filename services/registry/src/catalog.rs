@@ -144,22 +144,76 @@ async fn complete_model(pool: &PgPool, row: ModelRow) -> Result<Model> {
     })
 }
 
-/// A page of models ordered by name; `name_prefix` narrows it.
+/// A page of models matching filter clauses (name, description, tags), in `order`
+/// (`name`, `created_at` or `updated_at`, ascending unless `descending`).
 pub async fn list_models(
     pool: &PgPool,
-    name_prefix: &str,
+    clauses: &[crate::search::Clause],
+    order: (&str, bool),
     limit: i64,
     offset: i64,
 ) -> Result<(Vec<Model>, bool)> {
-    let rows: Vec<ModelRow> = sqlx::query_as(
-        "SELECT id, name, description, tags, created_at, updated_at FROM models \
-         WHERE starts_with(name, $1) ORDER BY name LIMIT $2 OFFSET $3",
-    )
-    .bind(name_prefix)
-    .bind(limit + 1)
-    .bind(offset)
-    .fetch_all(pool)
-    .await?;
+    use crate::search::{Key, Value};
+    let mut query = sqlx::QueryBuilder::<Postgres>::new(
+        "SELECT id, name, description, tags, created_at, updated_at FROM models m WHERE TRUE",
+    );
+    for clause in clauses {
+        query.push(" AND ");
+        match &clause.key {
+            Key::Tag(tag) => {
+                query.push("(m.tags->>");
+                query.push_bind(tag.clone());
+                query.push(")");
+            }
+            Key::Text("v.description") => {
+                query.push("m.description");
+            }
+            // `check_model_keys` lets only these through; the name column is fixed text.
+            _ => {
+                query.push("m.name");
+            }
+        }
+        query.push(" ");
+        query.push(clause.op.sql());
+        query.push(" ");
+        let texts: Vec<String> = match &clause.value {
+            Value::Text(text) => vec![text.clone()],
+            Value::List(items) => items
+                .iter()
+                .filter_map(|v| match v {
+                    Value::Text(t) => Some(t.clone()),
+                    _ => None,
+                })
+                .collect(),
+            Value::Number(n) => vec![n.to_string()],
+        };
+        if matches!(clause.value, Value::List(_)) {
+            query.push("(");
+            for (index, text) in texts.into_iter().enumerate() {
+                if index > 0 {
+                    query.push(", ");
+                }
+                query.push_bind(text);
+            }
+            query.push(")");
+        } else if let Some(text) = texts.into_iter().next() {
+            query.push_bind(text);
+        }
+    }
+    // The column comes from a fixed list, never from the request text.
+    let column = match order.0 {
+        "created_at" => "m.created_at",
+        "updated_at" => "m.updated_at",
+        _ => "m.name",
+    };
+    query.push(format!(
+        " ORDER BY {column} {}, m.name LIMIT ",
+        if order.1 { "DESC" } else { "ASC" }
+    ));
+    query.push_bind(limit + 1);
+    query.push(" OFFSET ");
+    query.push_bind(offset);
+    let rows: Vec<ModelRow> = query.build_query_as().fetch_all(pool).await?;
     let more = rows.len() as i64 > limit;
     let mut models = Vec::with_capacity(rows.len());
     for row in rows.into_iter().take(limit as usize) {

@@ -283,6 +283,25 @@ fn check_types(position: usize, key: &Key, op: Op, value: &Value) -> Result<()> 
     Ok(())
 }
 
+/// Checks that a parsed filter only uses keys that models have (`name`, `description`,
+/// `tags.<key>`), for `ListModels`.
+pub fn check_model_keys(clauses: &[Clause]) -> Result<()> {
+    for clause in clauses {
+        match &clause.key {
+            Key::Text("m.name") | Key::Text("v.description") | Key::Tag(_) => {}
+            other => {
+                return Err(RegistryError::invalid(
+                    "filter",
+                    format!(
+                        "{other:?} does not apply to models: use name, description or tags.<key>"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Sort orders of a search.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Order {

@@ -621,6 +621,57 @@ async fn alias_moves_are_atomic_watched_and_audited() {
         status.message()
     );
 
+    // Models filter by name, description and tags, and order by name or time.
+    for (name, domain) in [("bank-a", "bank"), ("bank-b", "bank"), ("shop", "retail")] {
+        client
+            .create_model(pb::CreateModelRequest {
+                name: name.into(),
+                tags: [("domain".to_owned(), domain.to_owned())].into(),
+                ..Default::default()
+            })
+            .await
+            .expect("create");
+    }
+    let list = |filter: &str, order_by: &str| pb::ListRegisteredModelsRequest {
+        filter: filter.into(),
+        order_by: order_by.into(),
+        page_size: 1,
+        ..Default::default()
+    };
+    let page = client
+        .list_models(list("tags.domain = 'bank'", "name DESC"))
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(
+        page.models
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>(),
+        ["bank-b"]
+    );
+    let next = client
+        .list_models(pb::ListRegisteredModelsRequest {
+            page_token: page.next_page_token,
+            ..list("tags.domain = 'bank'", "name DESC")
+        })
+        .await
+        .expect("next page")
+        .into_inner();
+    assert_eq!(
+        next.models
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>(),
+        ["bank-a"]
+    );
+    assert!(next.next_page_token.is_empty());
+    let status = client
+        .list_models(list("metrics.eval_loss < 1", ""))
+        .await
+        .expect_err("not a model key");
+    assert_eq!(status.code(), Code::InvalidArgument);
+
     // A model with an alias cannot be deleted.
     let status = client
         .delete_model(pb::DeleteModelRequest {
