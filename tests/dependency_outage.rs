@@ -171,3 +171,53 @@ async fn registry_answers_unavailable_while_postgres_is_down_and_recovers() {
     service.await.expect("task").expect("clean stop");
     drop_schemas(&schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_tracks_nats_going_down_and_back() {
+    let nats = lmforge_e2e::nats_url();
+    let target: SocketAddr = nats
+        .trim_start_matches("nats://")
+        .replace("localhost", "127.0.0.1")
+        .parse()
+        .expect("the test NATS is on an IP address");
+    let proxy = TcpProxy::start(target).await;
+    let schema = unique_name("jobs");
+    let mut config = lmforge_jobs::Config::try_parse_from(["lmforge-jobs"]).expect("defaults");
+    config.postgres.database_url = database_url();
+    config.nats.nats_url = format!("nats://{}", proxy.addr);
+    config.schema = schema.clone();
+    config.lifecycle.probe_interval = Duration::from_millis(100);
+    let listeners = Listeners::ephemeral().await.expect("bind");
+    let (grpc, admin) = (listeners.grpc_addr(), listeners.admin_addr());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(lmforge_jobs::serve(config, listeners, async {
+        let _ = stop_rx.await;
+    }));
+    probe::wait_serving(grpc).await.expect("serves");
+
+    proxy.cut();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = probe::admin_get(admin, "/readyz").await.expect("admin");
+        if code == 503 {
+            assert!(body.contains("nats: down"), "{body}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still ready: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        probe::health(grpc).await.expect("health answers"),
+        ServingStatus::NotServing
+    );
+
+    proxy.restore();
+    tokio::time::timeout(Duration::from_secs(30), probe::wait_serving(grpc))
+        .await
+        .expect("SERVING again once NATS is back (the client reconnects)")
+        .expect("health stream");
+
+    let _ = stop_tx.send(());
+    service.await.expect("task").expect("clean stop");
+    drop_schemas(&schema).await;
+}
