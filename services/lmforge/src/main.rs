@@ -391,8 +391,8 @@ async fn model(registry_url: &str, command: ModelCommand) -> anyhow::Result<()> 
             version,
             delete,
         } => {
-            let actor = format!("user:{}", std::env::var("USER").unwrap_or_default());
             if delete {
+                let actor = format!("user:{}", std::env::var("USER").unwrap_or_default());
                 client
                     .delete_alias(pb::DeleteAliasRequest {
                         model_name: name.clone(),
@@ -405,21 +405,7 @@ async fn model(registry_url: &str, command: ModelCommand) -> anyhow::Result<()> 
                 println!("deleted {name}@{alias}");
             } else {
                 let version = version.context("give the target version, or --delete")?;
-                let moved = client
-                    .set_alias(pb::SetAliasRequest {
-                        model_name: name.clone(),
-                        alias: alias.clone(),
-                        version,
-                        actor,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                match moved.previous_version {
-                    Some(previous) => println!("{name}@{alias}: {previous} → {version}"),
-                    None => println!("{name}@{alias} → {version}"),
-                }
+                set_alias(&mut client, &name, &alias, version).await?;
             }
         }
         ModelCommand::Import {
@@ -438,17 +424,7 @@ async fn model(registry_url: &str, command: ModelCommand) -> anyhow::Result<()> 
                 version.digest
             );
             if let Some(alias) = alias {
-                client
-                    .set_alias(pb::SetAliasRequest {
-                        model_name: name.clone(),
-                        alias: alias.clone(),
-                        version: version.version,
-                        actor: format!("user:{}", std::env::var("USER").unwrap_or_default()),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(status)?;
-                println!("{name}@{alias} → {}", version.version);
+                set_alias(&mut client, &name, &alias, version.version).await?;
             }
         }
         ModelCommand::Export { reference, dir } => {
@@ -461,6 +437,33 @@ async fn model(registry_url: &str, command: ModelCommand) -> anyhow::Result<()> 
                 dir.display()
             );
         }
+    }
+    Ok(())
+}
+
+/// Moves `name@alias` to `version` as the current user and prints the move.
+async fn set_alias(
+    client: &mut lmforge_proto::v1::registry_service_client::RegistryServiceClient<
+        tonic::transport::Channel,
+    >,
+    name: &str,
+    alias: &str,
+    version: u32,
+) -> anyhow::Result<()> {
+    let moved = client
+        .set_alias(lmforge_proto::v1::SetAliasRequest {
+            model_name: name.to_owned(),
+            alias: alias.to_owned(),
+            version,
+            actor: format!("user:{}", std::env::var("USER").unwrap_or_default()),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    match moved.previous_version {
+        Some(previous) => println!("{name}@{alias}: {previous} → {version}"),
+        None => println!("{name}@{alias} → {version}"),
     }
     Ok(())
 }

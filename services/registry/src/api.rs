@@ -396,17 +396,11 @@ impl RegistryService for RegistryApi {
         } = request.into_inner();
         validate_model_name("model_name", &model_name)?;
         let (limit, offset) = convert::page(page_size, &page_token)?;
-        let mut wanted = Vec::new();
-        for value in statuses {
-            wanted.extend(convert::status("statuses", value)?);
-        }
+        let wanted = convert::statuses("statuses", statuses)?;
         let (versions, more) =
             catalog::list_versions(&self.pool, &model_name, &wanted, limit, offset).await?;
         Ok(Response::new(pb::ListModelVersionsResponse {
-            versions: versions
-                .into_iter()
-                .map(|v| convert::version(v, &self.store))
-                .collect(),
+            versions: convert::versions(versions, &self.store),
             next_page_token: convert::next_token(more, limit, offset),
         }))
     }
@@ -454,10 +448,7 @@ impl RegistryService for RegistryApi {
         let clauses = crate::search::parse(&filter)?;
         let order = crate::search::parse_order(&order_by)?;
         let (limit, offset) = convert::page(page_size, &page_token)?;
-        let mut wanted = Vec::new();
-        for value in statuses {
-            wanted.extend(convert::status("statuses", value)?);
-        }
+        let wanted = convert::statuses("statuses", statuses)?;
         let time = |t: Option<prost_types::Timestamp>, field: &'static str| {
             t.map(|t| {
                 chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
@@ -474,10 +465,7 @@ impl RegistryService for RegistryApi {
             catalog::search_versions(&self.pool, &clauses, &wanted, range, &order, limit, offset)
                 .await?;
         Ok(Response::new(pb::SearchModelVersionsResponse {
-            versions: versions
-                .into_iter()
-                .map(|v| convert::version(v, &self.store))
-                .collect(),
+            versions: convert::versions(versions, &self.store),
             next_page_token: convert::next_token(more, limit, offset),
         }))
     }

@@ -151,6 +151,23 @@ pub fn status(field: &'static str, value: i32) -> Result<Option<VersionStatus>> 
     }
 }
 
+/// A request's list of statuses (empty → any); `field` names it in errors.
+pub fn statuses(field: &'static str, values: Vec<i32>) -> Result<Vec<VersionStatus>> {
+    let mut wanted = Vec::new();
+    for value in values {
+        wanted.extend(status(field, value)?);
+    }
+    Ok(wanted)
+}
+
+/// Domain versions → proto, for list and search answers.
+pub fn versions(
+    versions: Vec<Version>,
+    store: &lmforge_store::ArtifactStore,
+) -> Vec<pb::ModelVersion> {
+    versions.into_iter().map(|v| version(v, store)).collect()
+}
+
 fn status_enum(status: VersionStatus) -> pb::ModelVersionStatus {
     match status {
         VersionStatus::Pending => pb::ModelVersionStatus::Pending,
