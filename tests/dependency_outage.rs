@@ -30,18 +30,27 @@ fn postgres_addr(url: &str) -> SocketAddr {
         .expect("the test database is on an IP address")
 }
 
+/// A proxy in front of the test Postgres, and the database URL that goes through it.
+async fn postgres_through_proxy() -> (TcpProxy, String) {
+    let url = database_url();
+    let target = postgres_addr(&url);
+    let proxy = TcpProxy::start(target).await;
+    let proxied = url
+        .replacen(
+            &format!(":{}/", target.port()),
+            &format!(":{}/", proxy.addr.port()),
+            1,
+        )
+        .replace("localhost", "127.0.0.1");
+    (proxy, proxied)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_tracks_postgres_going_down_and_back() {
-    let url = database_url();
-    let proxy = TcpProxy::start(postgres_addr(&url)).await;
-    let proxied = url.replacen(
-        &postgres_addr(&url).port().to_string(),
-        &proxy.addr.port().to_string(),
-        1,
-    );
+    let (proxy, proxied) = postgres_through_proxy().await;
     let schema = unique_name("ingest");
     let mut config = lmforge_ingest::Config::try_parse_from(["lmforge-ingest"]).expect("defaults");
-    config.postgres.database_url = proxied.replace("localhost", "127.0.0.1");
+    config.postgres.database_url = proxied;
     config.schema = schema.clone();
     config.lifecycle.probe_interval = Duration::from_millis(100);
     let listeners = Listeners::ephemeral().await.expect("bind");
@@ -102,19 +111,12 @@ async fn health_tracks_postgres_going_down_and_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_answers_unavailable_while_postgres_is_down_and_recovers() {
     use lmforge_proto::v1 as pb;
-    let url = database_url();
-    let proxy = TcpProxy::start(postgres_addr(&url)).await;
+    let (proxy, proxied) = postgres_through_proxy().await;
     let schema = unique_name("registry");
     let artifacts = tempfile::tempdir().expect("temp dir");
     let mut config =
         lmforge_registry::Config::try_parse_from(["lmforge-registry"]).expect("defaults");
-    config.postgres.database_url = url
-        .replacen(
-            &postgres_addr(&url).port().to_string(),
-            &proxy.addr.port().to_string(),
-            1,
-        )
-        .replace("localhost", "127.0.0.1");
+    config.postgres.database_url = proxied;
     config.schema = schema.clone();
     config.artifacts = artifacts.path().display().to_string();
     let listeners = Listeners::ephemeral().await.expect("bind");

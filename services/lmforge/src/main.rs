@@ -306,7 +306,7 @@ async fn model(registry_url: &str, command: ModelCommand) -> anyhow::Result<()> 
     use lmforge::model_cmd;
     use lmforge_proto::v1 as pb;
     let mut client = model_cmd::connect(registry_url).await?;
-    let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+    let status = model_cmd::status_error;
     match command {
         ModelCommand::Create { name, description } => {
             let model = client
@@ -459,7 +459,7 @@ async fn set_alias(
             ..Default::default()
         })
         .await
-        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .map_err(lmforge::model_cmd::status_error)?
         .into_inner();
     match moved.previous_version {
         Some(previous) => println!("{name}@{alias}: {previous} → {version}"),

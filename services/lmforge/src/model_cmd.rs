@@ -29,7 +29,8 @@ pub async fn connect(url: &str) -> anyhow::Result<RegistryServiceClient<Channel>
     Ok(RegistryServiceClient::new(channel))
 }
 
-fn status_error(status: tonic::Status) -> anyhow::Error {
+/// A gRPC status as a CLI error: `NotFound: model `x` not found`.
+pub fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 

@@ -228,10 +228,9 @@ pub async fn history(
     .bind(offset)
     .fetch_all(pool)
     .await?;
-    let more = rows.len() as i64 > limit;
+    let (rows, more) = crate::catalog::split_page(rows, limit);
     let events = rows
         .into_iter()
-        .take(limit as usize)
         .map(|(sequence, from, to, actor, reason, at)| AliasEvent {
             sequence: sequence.max(0) as u64,
             model_name: model.to_owned(),

@@ -20,6 +20,24 @@ struct ModelRow {
     tags: sqlx::types::Json<BTreeMap<String, String>>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    latest_version: Option<i32>,
+    version_count: i64,
+    aliases: sqlx::types::Json<BTreeMap<String, i32>>,
+}
+
+/// A model row with its counts and aliases, in one round trip (no query per listed model).
+const MODEL_COLUMNS: &str = "m.id, m.name, m.description, m.tags, m.created_at, m.updated_at, \
+    (SELECT max(v.version) FROM versions v WHERE v.model_id = m.id AND v.status = 'ready') \
+        AS latest_version, \
+    (SELECT count(*) FROM versions v WHERE v.model_id = m.id) AS version_count, \
+    COALESCE((SELECT json_object_agg(a.alias, v.version) FROM aliases a \
+        JOIN versions v ON v.id = a.version_id WHERE a.model_id = m.id), '{}'::json) AS aliases";
+
+/// Splits the `limit + 1` rows a page query fetched into the page and whether more follow.
+pub(crate) fn split_page<T>(mut rows: Vec<T>, limit: i64) -> (Vec<T>, bool) {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit.max(0) as usize);
+    (rows, more)
 }
 
 #[derive(sqlx::FromRow)]
@@ -104,44 +122,32 @@ pub async fn create_model(
 
 /// One model with its counts and aliases.
 pub async fn get_model(pool: &PgPool, name: &str) -> Result<Model> {
-    let row: Option<ModelRow> = sqlx::query_as(
-        "SELECT id, name, description, tags, created_at, updated_at FROM models WHERE name = $1",
-    )
+    let row: Option<ModelRow> = sqlx::query_as(&format!(
+        "SELECT {MODEL_COLUMNS} FROM models m WHERE m.name = $1"
+    ))
     .bind(name)
     .fetch_optional(pool)
     .await?;
-    let row = row.ok_or_else(|| model_not_found(name))?;
-    complete_model(pool, row).await
+    row.map(model_from_row).ok_or_else(|| model_not_found(name))
 }
 
-async fn complete_model(pool: &PgPool, row: ModelRow) -> Result<Model> {
-    let (latest, count): (Option<i32>, i64) = sqlx::query_as(
-        "SELECT max(version) FILTER (WHERE status = 'ready'), count(*) FROM versions WHERE model_id = $1",
-    )
-    .bind(row.id)
-    .fetch_one(pool)
-    .await?;
-    let aliases: Vec<(String, i32)> = sqlx::query_as(
-        "SELECT a.alias, v.version FROM aliases a JOIN versions v ON v.id = a.version_id \
-         WHERE a.model_id = $1 ORDER BY a.alias",
-    )
-    .bind(row.id)
-    .fetch_all(pool)
-    .await?;
-    Ok(Model {
+fn model_from_row(row: ModelRow) -> Model {
+    Model {
         id: row.id,
         name: row.name,
         description: row.description,
         tags: row.tags.0,
-        latest_version: latest.unwrap_or(0).max(0) as u32,
-        version_count: count.max(0) as u32,
-        aliases: aliases
+        latest_version: row.latest_version.unwrap_or(0).max(0) as u32,
+        version_count: row.version_count.max(0) as u32,
+        aliases: row
+            .aliases
+            .0
             .into_iter()
             .map(|(alias, version)| (alias, version.max(0) as u32))
             .collect(),
         created_at: row.created_at,
         updated_at: row.updated_at,
-    })
+    }
 }
 
 /// A page of models matching filter clauses (name, description, tags), in `order`
@@ -154,9 +160,9 @@ pub async fn list_models(
     offset: i64,
 ) -> Result<(Vec<Model>, bool)> {
     use crate::search::{Key, Value};
-    let mut query = sqlx::QueryBuilder::<Postgres>::new(
-        "SELECT id, name, description, tags, created_at, updated_at FROM models m WHERE TRUE",
-    );
+    let mut query = sqlx::QueryBuilder::<Postgres>::new(format!(
+        "SELECT {MODEL_COLUMNS} FROM models m WHERE TRUE"
+    ));
     for clause in clauses {
         query.push(" AND ");
         match &clause.key {
@@ -214,12 +220,8 @@ pub async fn list_models(
     query.push(" OFFSET ");
     query.push_bind(offset);
     let rows: Vec<ModelRow> = query.build_query_as().fetch_all(pool).await?;
-    let more = rows.len() as i64 > limit;
-    let mut models = Vec::with_capacity(rows.len());
-    for row in rows.into_iter().take(limit as usize) {
-        models.push(complete_model(pool, row).await?);
-    }
-    Ok((models, more))
+    let (rows, more) = split_page(rows, limit);
+    Ok((rows.into_iter().map(model_from_row).collect(), more))
 }
 
 /// Changes a model's description and tags.
@@ -473,16 +475,12 @@ pub async fn list_versions(
     .bind(offset)
     .fetch_all(pool)
     .await?;
-    let more = rows.len() as i64 > limit;
-    let mut versions = Vec::with_capacity(rows.len());
-    for row in rows.into_iter().take(limit as usize) {
-        versions.push(version_from_row(row));
-    }
-    Ok((versions, more))
+    let (rows, more) = split_page(rows, limit);
+    Ok((rows.into_iter().map(version_from_row).collect(), more))
 }
 
-/// Locks a version row, checking it is PENDING (files and finalization need that).
-async fn lock_pending(
+/// Locks a version row for the rest of the transaction; returns its id and status.
+async fn lock_version(
     tx: &mut Transaction<'_, Postgres>,
     name: &str,
     version: u32,
@@ -502,7 +500,7 @@ async fn lock_pending(
 /// Records a stored blob as a file of a PENDING version (replacing the same path).
 pub async fn add_file(pool: &PgPool, name: &str, version: u32, file: &FileEntry) -> Result<()> {
     let mut tx = pool.begin().await?;
-    let (id, status) = lock_pending(&mut tx, name, version).await?;
+    let (id, status) = lock_version(&mut tx, name, version).await?;
     if status != VersionStatus::Pending {
         return Err(RegistryError::FailedPrecondition(format!(
             "version `{name}/{version}` is {}; files can only be added while PENDING",
@@ -535,7 +533,7 @@ pub async fn finalize(
     expected_digest: &str,
 ) -> Result<Version> {
     let mut tx = pool.begin().await?;
-    let (id, status) = lock_pending(&mut tx, name, version).await?;
+    let (id, status) = lock_version(&mut tx, name, version).await?;
     match (status, failure) {
         (VersionStatus::Pending, _) => {}
         (VersionStatus::Ready, None) => {
@@ -696,7 +694,7 @@ pub async fn update_version(
 /// Deletes a version; refused while an alias points to it or an adapter names it as parent.
 pub async fn delete_version(pool: &PgPool, name: &str, version: u32) -> Result<()> {
     let mut tx = pool.begin().await?;
-    let (id, _) = lock_pending(&mut tx, name, version).await?;
+    let (id, _) = lock_version(&mut tx, name, version).await?;
     let aliases: Vec<String> =
         sqlx::query_scalar("SELECT alias FROM aliases WHERE version_id = $1 ORDER BY alias")
             .bind(id)
@@ -831,10 +829,6 @@ pub async fn search_versions(
     query.push(" OFFSET ");
     query.push_bind(offset);
     let rows: Vec<VersionRow> = query.build_query_as().fetch_all(pool).await?;
-    let more = rows.len() as i64 > limit;
-    let mut versions = Vec::with_capacity(rows.len());
-    for row in rows.into_iter().take(limit as usize) {
-        versions.push(version_from_row(row));
-    }
-    Ok((versions, more))
+    let (rows, more) = split_page(rows, limit);
+    Ok((rows.into_iter().map(version_from_row).collect(), more))
 }
