@@ -217,9 +217,17 @@ pub async fn history(
     limit: i64,
     offset: i64,
 ) -> Result<(Vec<AliasEvent>, bool)> {
-    type Row = (i64, Option<i32>, Option<i32>, String, String, DateTime<Utc>);
+    type Row = (
+        i64,
+        String,
+        Option<i32>,
+        Option<i32>,
+        String,
+        String,
+        DateTime<Utc>,
+    );
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT sequence, from_version, to_version, actor, reason, at FROM alias_events \
+        "SELECT sequence, alias, from_version, to_version, actor, reason, at FROM alias_events \
          WHERE model_name = $1 AND ($2 = '' OR alias = $2) ORDER BY sequence LIMIT $3 OFFSET $4",
     )
     .bind(model)
@@ -231,16 +239,18 @@ pub async fn history(
     let (rows, more) = crate::catalog::split_page(rows, limit);
     let events = rows
         .into_iter()
-        .map(|(sequence, from, to, actor, reason, at)| AliasEvent {
-            sequence: sequence.max(0) as u64,
-            model_name: model.to_owned(),
-            alias: alias.to_owned(),
-            from_version: from.map(|v| v.max(0) as u32),
-            to_version: to.map(|v| v.max(0) as u32),
-            actor,
-            reason,
-            at,
-        })
+        .map(
+            |(sequence, alias, from, to, actor, reason, at)| AliasEvent {
+                sequence: sequence.max(0) as u64,
+                model_name: model.to_owned(),
+                alias,
+                from_version: from.map(|v| v.max(0) as u32),
+                to_version: to.map(|v| v.max(0) as u32),
+                actor,
+                reason,
+                at,
+            },
+        )
         .collect();
     Ok((events, more))
 }

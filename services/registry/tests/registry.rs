@@ -510,6 +510,18 @@ async fn alias_moves_are_atomic_watched_and_audited() {
         ]
     );
     assert!(history.iter().all(|e| e.actor == "user:test"));
+    // The model's whole history (no alias given) names each event's alias.
+    let everything = client
+        .get_alias_history(pb::GetAliasHistoryRequest {
+            model_name: "adviser".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("model history")
+        .into_inner()
+        .events;
+    assert_eq!(everything.len(), history.len());
+    assert!(everything.iter().all(|e| e.alias == "production"));
 
     for (reference, expected) in [
         ("adviser@production", versions[2]),
