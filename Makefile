@@ -11,7 +11,7 @@ SERVICES := scripts/services.sh
 # Exports LMFORGE_DATABASE_URL, DATABASE_URL and LMFORGE_NATS_URL for the command after it.
 WITH_SERVICES = service_env="$$($(SERVICES) env)" && eval "$$service_env" &&
 
-.PHONY: all build services services-down services-status test lint fmt demo up bench clean help
+.PHONY: all build services services-down services-status test lint fmt demo up bench bench-serve clean help
 
 all: build
 
@@ -23,6 +23,7 @@ help:
 	@echo "make services-down  stop the private Postgres and NATS under .lmforge/"
 	@echo "make up             run the whole stack in one process (lmforge up)"
 	@echo "make bench          run the benchmarks and print their tables"
+	@echo "make bench-serve    lmforge bench serve on the tiny and small shapes (in-process stack)"
 
 build:
 	$(CARGO) build --workspace --bins
@@ -54,6 +55,12 @@ up: build
 
 bench:
 	$(WITH_SERVICES) $(CARGO) bench --workspace --benches
+	$(MAKE) bench-serve
+
+# Inference serving under load beside transformers (issue 7's benchmark), release build.
+bench-serve:
+	$(WITH_SERVICES) $(CARGO) run --release --bin lmforge -- bench serve --shape tiny --json target/bench-serve-tiny.json
+	$(WITH_SERVICES) $(CARGO) run --release --bin lmforge -- bench serve --shape small --json target/bench-serve-small.json
 
 clean: services-down
 	$(CARGO) clean

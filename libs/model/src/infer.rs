@@ -82,11 +82,20 @@ impl Model {
         // and (for chunks longer than one token, or with a sliding window) an additive mask.
         let mut plans = Vec::with_capacity(seqs.len());
         let mut offset = 0;
+        let decoding = seqs.iter().filter(|s| s.tokens.len() == 1).count();
         for s in seqs.iter() {
             let (start, len) = (s.table.len, s.tokens.len());
             let ctx = start + len;
-            let slots: Vec<u32> = (0..ctx).map(|p| cache.slot(s.table, p) as u32).collect();
-            let mask = self.chunk_mask(start, len, &device)?;
+            // Decode tokens attend as a group when there are several (see DecodeGroup): their
+            // per-sequence slots and masks would go unused.
+            let (slots, mask) = if len == 1 && decoding >= 2 {
+                (Vec::new(), None)
+            } else {
+                (
+                    (0..ctx).map(|p| cache.slot(s.table, p) as u32).collect(),
+                    self.chunk_mask(start, len, &device)?,
+                )
+            };
             plans.push((
                 offset,
                 start,
@@ -98,6 +107,43 @@ impl Model {
         }
         let scale = 1.0 / (hd as f64).sqrt();
         let eps = cfg.rms_norm_eps as f32;
+        // Every new token's cache slot: one scatter per layer writes the whole batch.
+        let new_slots: Vec<u32> = seqs
+            .iter()
+            .flat_map(|s| {
+                let start = s.table.len;
+                (start..start + s.tokens.len()).map(|p| cache.slot(s.table, p) as u32)
+            })
+            .collect();
+        let write_idx = Tensor::new(new_slots.as_slice(), &device)?
+            .reshape((n, 1, 1))?
+            .broadcast_as((n, nkv, hd))?
+            .contiguous()?;
+        // Decode tokens (one new token per sequence) share one batched attention over their
+        // contexts padded to the longest; prefill chunks keep a per-sequence attention.
+        let decode = DecodeGroup::new(self, cache, seqs, &plans, &device)?;
+        let prefill: Vec<usize> = (0..plans.len())
+            .filter(|&i| plans[i].2 > 1 || decode.is_none())
+            .collect();
+        // Rows of the attention output in the order its pieces are concatenated, and the
+        // inverse permutation back to batch order (None when they already agree).
+        let mut piece_rows: Vec<u32> = Vec::with_capacity(n);
+        for &i in &prefill {
+            let (off, _, len, _, _) = &plans[i];
+            piece_rows.extend((*off..off + len).map(|r| r as u32));
+        }
+        if let Some(d) = &decode {
+            piece_rows.extend(d.rows.iter().copied());
+        }
+        let unpermute = if piece_rows.iter().enumerate().all(|(i, &r)| i as u32 == r) {
+            None
+        } else {
+            let mut inv = vec![0u32; n];
+            for (pos, &row) in piece_rows.iter().enumerate() {
+                inv[row as usize] = pos as u32;
+            }
+            Some(Tensor::new(inv.as_slice(), &device)?)
+        };
         let mut x = self
             .embed
             .index_select(&Tensor::new(ids.as_slice(), &device)?, 0)?;
@@ -108,15 +154,11 @@ impl Model {
             let v = layer.v.forward_serving(&h)?.reshape((n, nkv, hd))?;
             let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?.squeeze(0)?;
             let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?.squeeze(0)?;
-            let mut outs = Vec::with_capacity(plans.len());
-            for (seq, (off, start, len, slots, mask)) in seqs.iter().zip(&plans) {
-                cache.write(
-                    li,
-                    seq.table,
-                    *start,
-                    &k.narrow(0, *off, *len)?,
-                    &v.narrow(0, *off, *len)?,
-                )?;
+            cache.k[li].scatter_set(&write_idx, &k.contiguous()?, 0)?;
+            cache.v[li].scatter_set(&write_idx, &v.contiguous()?, 0)?;
+            let mut outs = Vec::with_capacity(prefill.len() + 1);
+            for &i in &prefill {
+                let (off, start, len, slots, mask) = &plans[i];
                 let (kc, vc) = cache.gather(li, slots)?;
                 let ctx = start + len;
                 let kc = kc.transpose(0, 1)?.contiguous()?; // [nkv, ctx, hd]
@@ -143,7 +185,17 @@ impl Model {
                     .reshape((*len, nh * hd))?;
                 outs.push(att);
             }
-            let att = Tensor::cat(&outs, 0)?;
+            if let Some(d) = &decode {
+                outs.push(d.attend(cache, li, &q, scale)?);
+            }
+            let mut att = if outs.len() == 1 {
+                outs.pop().expect("one piece")
+            } else {
+                Tensor::cat(&outs, 0)?
+            };
+            if let Some(inv) = &unpermute {
+                att = att.index_select(inv, 0)?;
+            }
             x = (x + layer.o.forward_serving(&att)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
             let g = layer.gate.forward_serving(&h)?.silu()?;
@@ -186,5 +238,168 @@ impl Model {
         Ok(Some(
             Tensor::from_vec(m, (len, ctx), device)?.to_dtype(self.dtype())?,
         ))
+    }
+}
+
+/// The decode tokens of a batch (sequences bringing one new token), attended together: their
+/// contexts are gathered into one `[B, kv_heads, max_ctx, head_dim]` tensor, padded positions
+/// masked out.
+struct DecodeGroup {
+    /// Row of each decode token in the flat batch.
+    rows: Vec<u32>,
+    rows_t: Tensor,
+    /// Cache slots `[B * max_ctx]` (padding repeats a valid slot; it is masked).
+    slots: Tensor,
+    /// Additive mask `[B, 1, 1, max_ctx]`.
+    mask: Tensor,
+    max_ctx: usize,
+    /// Per member: the first visible position (sliding window) and the context length.
+    spans: Vec<(usize, usize)>,
+    /// The same slots as `slots`, for the CPU kernel.
+    slot_list: Vec<u32>,
+}
+
+impl DecodeGroup {
+    /// `None` when fewer than two sequences decode (the per-sequence path is as good).
+    fn new(
+        model: &Model,
+        cache: &PagedKvCache,
+        seqs: &[SeqInput<'_>],
+        plans: &[(usize, usize, usize, Tensor, Option<Tensor>)],
+        device: &Device,
+    ) -> Result<Option<Self>> {
+        let members: Vec<usize> = (0..plans.len()).filter(|&i| plans[i].2 == 1).collect();
+        if members.len() < 2 {
+            return Ok(None);
+        }
+        let max_ctx = members.iter().map(|&i| plans[i].1 + 1).max().unwrap_or(1);
+        let window = model.config.sliding_window.unwrap_or(usize::MAX);
+        let neg = mask_value(model.dtype());
+        let mut slots = Vec::with_capacity(members.len() * max_ctx);
+        let mut mask = Vec::with_capacity(members.len() * max_ctx);
+        let mut spans = Vec::with_capacity(members.len());
+        for &i in &members {
+            let ctx = plans[i].1 + 1;
+            let qpos = ctx - 1;
+            spans.push(((qpos + 1).saturating_sub(window), ctx));
+            let table = &*seqs[i].table;
+            for p in 0..max_ctx {
+                let visible = p < ctx && qpos - p.min(qpos) < window;
+                slots.push(cache.slot(table, p.min(qpos)) as u32);
+                mask.push(if visible { 0.0 } else { neg });
+            }
+        }
+        let rows: Vec<u32> = members.iter().map(|&i| plans[i].0 as u32).collect();
+        let b = members.len();
+        Ok(Some(Self {
+            rows_t: Tensor::new(rows.as_slice(), device)?,
+            rows,
+            slots: Tensor::new(slots.as_slice(), device)?,
+            mask: Tensor::from_vec(mask, (b, 1, 1, max_ctx), device)?.to_dtype(model.dtype())?,
+            max_ctx,
+            spans,
+            slot_list: slots,
+        }))
+    }
+
+    /// Attention output `[B, heads * head_dim]` of the decode tokens at layer `li`: the CPU
+    /// f32 kernel when it applies, else candle ops.
+    fn attend(&self, cache: &PagedKvCache, li: usize, q: &Tensor, scale: f64) -> Result<Tensor> {
+        if let Some(out) = self.attend_cpu_f32(cache, li, q, scale)? {
+            return Ok(out);
+        }
+        self.attend_tensors(cache, li, q, scale)
+    }
+
+    /// Paged attention straight from the cache storage, one task per (sequence, kv head):
+    /// reading keys and values through the slots, with no gather and no per-head matmul
+    /// calls (hundreds of tiny GEMMs per step otherwise dominate a decode step).
+    fn attend_cpu_f32(
+        &self,
+        cache: &PagedKvCache,
+        li: usize,
+        q: &Tensor,
+        scale: f64,
+    ) -> Result<Option<Tensor>> {
+        use candle_core::Storage;
+        use rayon::prelude::*;
+        if q.dtype() != DType::F32 || !q.device().is_cpu() {
+            return Ok(None);
+        }
+        let (_, nh, hd) = q.dims3()?;
+        let qd: Vec<f32> = q.index_select(&self.rows_t, 0)?.flatten_all()?.to_vec1()?;
+        let (kst, kl) = cache.k[li].storage_and_layout();
+        let (vst, vl) = cache.v[li].storage_and_layout();
+        let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*kst, &*vst) else {
+            return Ok(None);
+        };
+        let (Some((k0, _)), Some((v0, _))) = (kl.contiguous_offsets(), vl.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        let (ks, vs) = (&kc.as_slice::<f32>()?[k0..], &vc.as_slice::<f32>()?[v0..]);
+        let nkv = kl.dims()[1];
+        let groups = nh / nkv;
+        let b = self.spans.len();
+        let scale = scale as f32;
+        let mut out = vec![0f32; b * nh * hd];
+        out.par_chunks_mut(groups * hd)
+            .enumerate()
+            .for_each(|(task, o)| {
+                let (m, h) = (task / nkv, task % nkv);
+                let (first, ctx) = self.spans[m];
+                let slots = &self.slot_list[m * self.max_ctx + first..m * self.max_ctx + ctx];
+                let mut scores = vec![0f32; slots.len()];
+                for g in 0..groups {
+                    let qh = h * groups + g;
+                    let qv = &qd[(m * nh + qh) * hd..(m * nh + qh + 1) * hd];
+                    let mut max = f32::NEG_INFINITY;
+                    for (sc, &slot) in scores.iter_mut().zip(slots) {
+                        let at = (slot as usize * nkv + h) * hd;
+                        let kv = &ks[at..at + hd];
+                        *sc = qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        max = max.max(*sc);
+                    }
+                    let mut total = 0f32;
+                    for sc in scores.iter_mut() {
+                        *sc = (*sc - max).exp();
+                        total += *sc;
+                    }
+                    let acc = &mut o[g * hd..(g + 1) * hd];
+                    for (sc, &slot) in scores.iter().zip(slots) {
+                        let w = sc / total;
+                        let at = (slot as usize * nkv + h) * hd;
+                        for (a, v) in acc.iter_mut().zip(&vs[at..at + hd]) {
+                            *a += w * v;
+                        }
+                    }
+                }
+            });
+        drop((kst, vst));
+        Ok(Some(Tensor::from_vec(out, (b, nh * hd), q.device())?))
+    }
+
+    /// Attention output `[B, heads * head_dim]` of the decode tokens at layer `li`, with
+    /// candle ops (any dtype or device).
+    fn attend_tensors(
+        &self,
+        cache: &PagedKvCache,
+        li: usize,
+        q: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let (_, nh, hd) = q.dims3()?;
+        let (b, m) = (self.rows.len(), self.max_ctx);
+        let (kc, vc) = cache.gather(li, &self.slots)?; // [B * M, nkv, hd]
+        let nkv = kc.dim(1)?;
+        let groups = nh / nkv;
+        let kc = kc.reshape((b, m, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let vc = vc.reshape((b, m, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let qd = q
+            .index_select(&self.rows_t, 0)?
+            .reshape((b, nkv, groups, hd))?;
+        let scores = (qd.matmul(&kc.transpose(2, 3)?)? * scale)?.broadcast_add(&self.mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        Ok(probs.matmul(&vc)?.reshape((b, nh * hd))?)
     }
 }

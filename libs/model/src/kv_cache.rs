@@ -136,29 +136,6 @@ impl PagedKvCache {
         table.blocks[pos / self.block_size] as usize * self.block_size + pos % self.block_size
     }
 
-    /// Store `k`, `v` (`[n, kv_heads, head_dim]`) for positions `start..start + n`.
-    pub(crate) fn write(
-        &self,
-        layer: usize,
-        table: &BlockTable,
-        start: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<()> {
-        let n = k.dim(0)?;
-        let mut i = 0;
-        while i < n {
-            // Write the run of tokens that fall in the same block with one copy.
-            let pos = start + i;
-            let run = (self.block_size - pos % self.block_size).min(n - i);
-            let slot = self.slot(table, pos);
-            self.k[layer].slice_set(&k.narrow(0, i, run)?.contiguous()?, 0, slot)?;
-            self.v[layer].slice_set(&v.narrow(0, i, run)?.contiguous()?, 0, slot)?;
-            i += run;
-        }
-        Ok(())
-    }
-
     /// Keys and values `[ctx, kv_heads, head_dim]` at `slots` (a u32 tensor of slot ids).
     pub(crate) fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((

@@ -2,8 +2,14 @@
 //!
 //! - [`stack`]: every service in one process (`lmforge up`, `lmforge demo`, the e2e tests).
 //! - [`model_cmd`]: `lmforge model …` against the registry.
+//! - [`dataset_cmd`]: `lmforge dataset …` against the ingest service.
 //! - [`probe`]: asking a running server what it serves and whether it is healthy.
+//! - [`generate_cmd`]: `lmforge generate`, one streamed generation.
+//! - [`bench_serve`]: `lmforge bench serve`, the inference load generator.
 
+pub mod bench_serve;
+pub mod dataset_cmd;
+pub mod generate_cmd;
 pub mod model_cmd;
 pub mod probe;
 pub mod stack;

@@ -39,6 +39,15 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Generate text with a loaded model, streamed to the terminal as it is sampled.
+    Generate(lmforge::generate_cmd::GenerateArgs),
+    /// Benchmarks against running services (or a stack started for the purpose).
+    Bench {
+        #[command(subcommand)]
+        command: lmforge::bench_serve::BenchCommand,
+    },
+    /// Datasets: upload, list, show, report, head.
+    Dataset(lmforge::dataset_cmd::DatasetArgs),
     /// Ask running servers (gRPC addresses) for their health and services.
     Health {
         /// gRPC addresses, e.g. 127.0.0.1:50053.
@@ -154,6 +163,13 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    // Benchmarks run the engines in this process: give them the malloc settings the services
+    // use (a foreground run, so Ctrl-C reaches the re-executed child as well).
+    if matches!(cli.command, Command::Bench { .. })
+        && let Some(code) = lmforge_model::alloc_tuning::reexec_with_tuned_malloc()
+    {
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -170,6 +186,9 @@ fn main() -> ExitCode {
             Command::Up(args) => up(args).await,
             Command::Demo(args) => demo(args).await,
             Command::Health { addrs } => health(addrs).await,
+            Command::Dataset(args) => lmforge::dataset_cmd::run(args).await,
+            Command::Generate(args) => lmforge::generate_cmd::run(args).await,
+            Command::Bench { command } => lmforge::bench_serve::run(command).await,
             Command::Model {
                 registry_url,
                 command,

@@ -1,15 +1,15 @@
 //! `lmforge model …`: the registry from the command line. Lists print as tables; transfers
 //! (import, export) show a progress bar and verify every file's sha256.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use lmforge_proto::v1 as pb;
 use lmforge_proto::v1::registry_service_client::RegistryServiceClient;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 
 /// Upload chunk size: well under gRPC's 4 MiB message limit.
@@ -249,66 +249,34 @@ pub async fn export(
     dir: &Path,
     show_progress: bool,
 ) -> anyhow::Result<pb::ModelVersion> {
-    let version = client
-        .resolve_model_ref(pb::ResolveModelRefRequest {
-            model_ref: reference.to_owned(),
-        })
+    let (version, _alias) = lmforge_inference::fetch::resolve(client, reference)
         .await
-        .map_err(status_error)?
-        .into_inner()
-        .version
-        .context("the registry answered without a version")?;
-    for file in &version.files {
-        let target: PathBuf = dir.join(&file.path);
-        if let Some(parent) = target.parent() {
-            tokio::fs::create_dir_all(parent).await?;
-        }
-        let progress = if show_progress {
-            bar(file.size_bytes, &file.path)
-        } else {
-            ProgressBar::hidden()
-        };
-        let partial = target.with_extension("lmforge-partial");
-        let mut out = tokio::fs::File::create(&partial).await?;
-        let mut hasher = Sha256::new();
-        let mut stream = client
-            .download_artifact(pb::DownloadArtifactRequest {
-                model_name: version.model_name.clone(),
-                version: version.version,
-                path: file.path.clone(),
-                offset: 0,
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        let mut summary = None;
-        while let Some(message) = stream.next().await {
-            match message.map_err(status_error)?.payload {
-                Some(pb::download_artifact_response::Payload::Chunk(chunk)) => {
-                    hasher.update(&chunk.data);
-                    out.write_all(&chunk.data).await?;
-                    progress.inc(chunk.data.len() as u64);
+        .map_err(fetch_error)?;
+    let mut bars: std::collections::HashMap<String, ProgressBar> = Default::default();
+    lmforge_inference::fetch::download_all(client, dir, &version, &mut |file, n| {
+        bars.entry(file.path.clone())
+            .or_insert_with(|| {
+                if show_progress {
+                    bar(file.size_bytes, &file.path)
+                } else {
+                    ProgressBar::hidden()
                 }
-                Some(pb::download_artifact_response::Payload::Summary(s)) => summary = Some(s),
-                None => {}
-            }
-        }
-        out.flush().await?;
-        drop(out);
-        let actual = hex::encode(hasher.finalize());
-        let summary = summary.context("the download ended without its summary")?;
-        if actual != file.sha256 || summary.sha256 != file.sha256 {
-            let _ = tokio::fs::remove_file(&partial).await;
-            bail!(
-                "{}: received sha256 {actual}, expected {}",
-                file.path,
-                file.sha256
-            );
-        }
-        tokio::fs::rename(&partial, &target).await?;
-        progress.finish();
+            })
+            .inc(n);
+    })
+    .await
+    .map_err(fetch_error)?;
+    for b in bars.values() {
+        b.finish();
     }
     Ok(version)
+}
+
+fn fetch_error(e: lmforge_inference::fetch::FetchError) -> anyhow::Error {
+    match e {
+        lmforge_inference::fetch::FetchError::Registry(s) => status_error(s),
+        other => anyhow::anyhow!(other),
+    }
 }
 
 fn status_name(status: i32) -> &'static str {

@@ -162,19 +162,15 @@ impl Stack {
         ingest.postgres = options.postgres.clone();
         ingest.schema = schema("ingest");
         ingest.lifecycle.probe_interval = options.probe_interval;
-        let bound = listeners(
+        // Ingest is bound first but launched once the registry (tokenizers) and inference
+        // (rewrites) addresses it calls are known; it stays first in `services`.
+        let ingest_bound = listeners(
             options.ephemeral,
             ingest.listen,
             ingest.admin_listen,
             "ingest",
         )
         .await?;
-        services.push(launch(
-            "ingest",
-            (bound.grpc_addr(), bound.admin_addr()),
-            vec![dataset_service_server::SERVICE_NAME],
-            lmforge_ingest::serve(ingest, bound, shutdown()),
-        ));
 
         let mut registry: lmforge_registry::Config = defaults("lmforge-registry")?;
         registry.postgres = options.postgres.clone();
@@ -188,6 +184,7 @@ impl Stack {
         )
         .await?;
         let registry_url = endpoint(bound.grpc_addr());
+        ingest.registry_url = registry_url.clone();
         services.push(launch(
             "registry",
             (bound.grpc_addr(), bound.admin_addr()),
@@ -237,12 +234,22 @@ impl Stack {
         )
         .await?;
         let inference_url = endpoint(bound.grpc_addr());
+        ingest.inference_url = inference_url.clone();
         services.push(launch(
             "inference",
             (bound.grpc_addr(), bound.admin_addr()),
             vec![inference_service_server::SERVICE_NAME],
             lmforge_inference::serve(inference, bound, shutdown()),
         ));
+        services.insert(
+            0,
+            launch(
+                "ingest",
+                (ingest_bound.grpc_addr(), ingest_bound.admin_addr()),
+                vec![dataset_service_server::SERVICE_NAME],
+                lmforge_ingest::serve(ingest, ingest_bound, shutdown()),
+            ),
+        );
 
         let mut gateway: lmforge_gateway::Config = defaults("lmforge-gateway")?;
         gateway.postgres = options.postgres.clone();

@@ -1,0 +1,438 @@
+//! The batching engine on a real (tiny, random) Llama checkpoint: batched outputs equal solo
+//! outputs (greedy and seeded sampling, arrivals mid-batch, preemption under a tiny KV budget),
+//! cancellation frees blocks, a full queue refuses at once, the prefix cache is reused, and
+//! deadlines end requests.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use lmforge_inference::engine::{
+    self, EngineConfig, EngineHandle, EngineRequest, Event, Finish, SubmitError,
+};
+use lmforge_model::sampling::SamplingParams;
+use lmforge_model::stopping::StopConfig;
+use lmforge_model::tokenizer::TextTokenizer;
+use lmforge_model::{Model, hf};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../libs/model/fixtures/tiny-llama")
+}
+
+fn start(config: EngineConfig) -> EngineHandle {
+    let ckpt = hf::load_checkpoint(&fixture(), DType::F32, &Device::Cpu).expect("checkpoint");
+    let model = Model::new(&ckpt.config, &ckpt.weights).expect("model");
+    let tok = Arc::new(TextTokenizer::from_dir(&fixture()).expect("tokenizer"));
+    engine::spawn(model, tok, config, "tiny-llama").expect("engine")
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| 3 + (seed * 37 + i * 11) % 290)
+        .collect()
+}
+
+fn request(
+    id: &str,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: SamplingParams,
+) -> EngineRequest {
+    EngineRequest {
+        id: id.to_string(),
+        prompt,
+        sampling,
+        stop: StopConfig {
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        },
+        min_tokens: 0,
+        logit_bias: vec![],
+        n: 1,
+        priority: 0,
+        deadline: None,
+        arrived: Instant::now(),
+        span: opentelemetry::trace::SpanContext::empty_context(),
+    }
+}
+
+/// Tokens of every choice and each choice's finish reason.
+async fn collect(
+    mut rx: UnboundedReceiver<Event>,
+    n: usize,
+) -> (Vec<Vec<u32>>, Vec<Finish>, Option<usize>) {
+    let mut tokens = vec![Vec::new(); n];
+    let mut finish = vec![None; n];
+    let mut cached = None;
+    while let Some(e) = rx.recv().await {
+        match e {
+            Event::Token { choice, id, .. } => tokens[choice as usize].push(id),
+            Event::Finished { choice, reason } => finish[choice as usize] = Some(reason),
+            Event::Admitted { cached_tokens, .. } => cached = Some(cached_tokens),
+            Event::Expired => panic!("expired"),
+        }
+        if finish.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    (
+        tokens,
+        finish.into_iter().map(|f| f.expect("finished")).collect(),
+        cached,
+    )
+}
+
+fn sampling(i: u32) -> SamplingParams {
+    if i.is_multiple_of(2) {
+        SamplingParams::greedy()
+    } else {
+        SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            seed: 1000 + i as u64,
+            ..Default::default()
+        }
+    }
+}
+
+/// Each request alone on a fresh engine.
+async fn solo(specs: &[(Vec<u32>, usize)]) -> Vec<Vec<u32>> {
+    let engine = start(EngineConfig::default());
+    let mut out = Vec::new();
+    for (i, (p, max)) in specs.iter().enumerate() {
+        let rx = engine
+            .submit(request(
+                &format!("solo{i}"),
+                p.clone(),
+                *max,
+                sampling(i as u32),
+            ))
+            .expect("submit");
+        out.push(collect(rx, 1).await.0.remove(0));
+    }
+    out
+}
+
+fn specs() -> Vec<(Vec<u32>, usize)> {
+    (0..6u32)
+        .map(|i| (prompt(i, 5 + 3 * i as usize), 12 + i as usize))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_and_joining_requests_get_their_solo_tokens() {
+    let specs = specs();
+    let expected = solo(&specs).await;
+    assert!(expected.iter().all(|t| !t.is_empty()));
+    // All at once, with small prefill chunks so prompts and decodes share steps.
+    let engine = start(EngineConfig {
+        max_batch_tokens: 8,
+        block_size: 4,
+        num_blocks: 64,
+        ..Default::default()
+    });
+    let rxs: Vec<_> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, (p, max))| {
+            engine
+                .submit(request(
+                    &format!("b{i}"),
+                    p.clone(),
+                    *max,
+                    sampling(i as u32),
+                ))
+                .expect("submit")
+        })
+        .collect();
+    for (i, rx) in rxs.into_iter().enumerate() {
+        let (tokens, finish, _) = collect(rx, 1).await;
+        assert_eq!(tokens[0], expected[i], "request {i} in a batch");
+        assert_eq!(finish[0], Finish::Length);
+    }
+    // Half first; the rest join once the first ones are generating.
+    let mut early = Vec::new();
+    for (i, (p, max)) in specs.iter().enumerate().take(3) {
+        early.push(
+            engine
+                .submit(request(
+                    &format!("e{i}"),
+                    p.clone(),
+                    *max,
+                    sampling(i as u32),
+                ))
+                .expect("submit"),
+        );
+    }
+    let mut first = early.remove(0);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        if let Some(Event::Token { id, .. }) = first.recv().await {
+            got.push(id);
+        }
+    }
+    let late: Vec<_> = (3..6)
+        .map(|i| {
+            let (p, max) = &specs[i];
+            engine
+                .submit(request(
+                    &format!("l{i}"),
+                    p.clone(),
+                    *max,
+                    sampling(i as u32),
+                ))
+                .expect("submit")
+        })
+        .collect();
+    let (rest, _, _) = collect(first, 1).await;
+    got.extend(&rest[0]);
+    assert_eq!(got, expected[0], "request 0, others joining mid-generation");
+    for (k, rx) in early.into_iter().chain(late).enumerate() {
+        let i = k + 1;
+        assert_eq!(
+            collect(rx, 1).await.0[0],
+            expected[i],
+            "request {i}, joined mid-batch"
+        );
+    }
+    wait_for(&engine, "every block back", |s| s.kv_blocks_used == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preemption_under_a_tiny_kv_budget_completes_every_request_correctly() {
+    let specs = specs();
+    let expected = solo(&specs).await;
+    // 8 blocks of 4 tokens: the largest request needs 8 blocks on its own (20 + 17 tokens),
+    // so requests keep preempting each other.
+    let engine = start(EngineConfig {
+        block_size: 4,
+        num_blocks: 10,
+        max_batch_tokens: 16,
+        ..Default::default()
+    });
+    let rxs: Vec<_> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, (p, max))| {
+            engine
+                .submit(request(
+                    &format!("p{i}"),
+                    p.clone(),
+                    *max,
+                    sampling(i as u32),
+                ))
+                .expect("submit")
+        })
+        .collect();
+    let outs = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures::future::join_all(rxs.into_iter().map(|rx| collect(rx, 1))),
+    )
+    .await
+    .expect("no hang under preemption");
+    for (i, (tokens, finish, _)) in outs.into_iter().enumerate() {
+        assert_eq!(tokens[0], expected[i], "request {i} after preemption");
+        assert_eq!(finish[0], Finish::Length);
+    }
+    let stats = engine.stats();
+    assert!(
+        stats.preemptions > 0,
+        "the budget forced preemption: {stats:?}"
+    );
+    wait_for(&engine, "every block back", |s| s.kv_blocks_used == 0).await;
+}
+
+async fn wait_for(engine: &EngineHandle, what: &str, cond: impl Fn(&engine::EngineStats) -> bool) {
+    let t = Instant::now();
+    while !cond(&engine.stats()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}: {:?}",
+            engine.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_by_drop_or_abort_frees_blocks() {
+    let engine = start(EngineConfig {
+        block_size: 4,
+        num_blocks: 32,
+        ..Default::default()
+    });
+    let mut rx = engine
+        .submit(request("drop", prompt(1, 10), 50, SamplingParams::greedy()))
+        .expect("submit");
+    while !matches!(rx.recv().await, Some(Event::Token { .. })) {}
+    wait_for(&engine, "blocks in use", |s| s.kv_blocks_used > 0).await;
+    drop(rx); // the client went away
+    wait_for(&engine, "blocks freed after drop", |s| {
+        s.kv_blocks_used == 0 && s.running == 0
+    })
+    .await;
+
+    let mut rx = engine
+        .submit(request(
+            "abort-me",
+            prompt(2, 10),
+            50,
+            SamplingParams::greedy(),
+        ))
+        .expect("submit");
+    while !matches!(rx.recv().await, Some(Event::Token { .. })) {}
+    engine.abort("abort-me");
+    let mut tokens = 1;
+    loop {
+        match rx.recv().await.expect("event") {
+            Event::Token { .. } => tokens += 1,
+            Event::Finished { reason, .. } => {
+                assert_eq!(reason, Finish::Cancelled);
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(tokens < 50, "aborted before the end");
+    wait_for(&engine, "blocks freed after abort", |s| {
+        s.kv_blocks_used == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_at_once() {
+    let engine = start(EngineConfig {
+        max_running: 1,
+        max_waiting_requests: 2,
+        max_waiting_tokens: 40,
+        block_size: 4,
+        num_blocks: 64,
+        ..Default::default()
+    });
+    let mut running = engine
+        .submit(request("run", prompt(1, 5), 60, SamplingParams::greedy()))
+        .expect("submit");
+    while !matches!(running.recv().await, Some(Event::Token { .. })) {}
+    let a = engine
+        .submit(request("a", prompt(2, 5), 5, SamplingParams::greedy()))
+        .expect("waits");
+    let b = engine
+        .submit(request("b", prompt(3, 5), 5, SamplingParams::greedy()))
+        .expect("waits");
+    let t = Instant::now();
+    let refused = engine.submit(request("c", prompt(4, 5), 5, SamplingParams::greedy()));
+    assert!(
+        matches!(refused, Err(SubmitError::QueueFull(_))),
+        "{refused:?}"
+    );
+    assert!(t.elapsed() < Duration::from_millis(50), "refused at once");
+    drop(running);
+    collect(a, 1).await;
+    collect(b, 1).await;
+    // The token bound: one request with too many prompt tokens is refused while others wait.
+    let mut running = engine
+        .submit(request("run2", prompt(1, 5), 60, SamplingParams::greedy()))
+        .expect("submit");
+    while !matches!(running.recv().await, Some(Event::Token { .. })) {}
+    let _a = engine
+        .submit(request("a2", prompt(2, 30), 5, SamplingParams::greedy()))
+        .expect("waits");
+    let refused = engine.submit(request("c2", prompt(4, 20), 5, SamplingParams::greedy()));
+    assert!(
+        matches!(refused, Err(SubmitError::QueueFull(ref why)) if why.contains("prompt tokens")),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_prefix_is_served_from_cached_blocks() {
+    let engine = start(EngineConfig {
+        block_size: 4,
+        num_blocks: 32,
+        ..Default::default()
+    });
+    let p = prompt(7, 14);
+    let (first, _, cached) = collect(
+        engine
+            .submit(request("x", p.clone(), 8, SamplingParams::greedy()))
+            .expect("submit"),
+        1,
+    )
+    .await;
+    assert_eq!(cached, Some(0));
+    let (second, _, cached) = collect(
+        engine
+            .submit(request("y", p.clone(), 8, SamplingParams::greedy()))
+            .expect("submit"),
+        1,
+    )
+    .await;
+    assert_eq!(
+        cached,
+        Some(12),
+        "three full blocks of the 14-token prompt reused"
+    );
+    assert_eq!(first, second, "same output from cached blocks");
+    let mut other = p.clone();
+    other[5] = 299;
+    let (_, _, cached) = collect(
+        engine
+            .submit(request("z", other, 4, SamplingParams::greedy()))
+            .expect("submit"),
+        1,
+    )
+    .await;
+    assert_eq!(cached, Some(4), "only the block before the change matches");
+    let s = engine.stats();
+    assert_eq!(s.prefix_cache_hit_tokens, 16);
+    assert_eq!(s.prefix_cache_queried_tokens, 42);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_end_queued_and_running_requests() {
+    let engine = start(EngineConfig {
+        max_running: 1,
+        block_size: 4,
+        num_blocks: 32,
+        ..Default::default()
+    });
+    let mut running = engine
+        .submit(request("long", prompt(1, 5), 60, SamplingParams::greedy()))
+        .expect("submit");
+    while !matches!(running.recv().await, Some(Event::Token { .. })) {}
+    let mut queued = request("late", prompt(2, 5), 5, SamplingParams::greedy());
+    queued.deadline = Some(Instant::now() + Duration::from_millis(1));
+    let mut rx = engine.submit(queued).expect("submit");
+    assert_eq!(rx.recv().await, Some(Event::Expired));
+    drop(running);
+    let mut timed = request("timed", prompt(3, 5), 60, SamplingParams::greedy());
+    timed.deadline = Some(Instant::now() + Duration::from_millis(30));
+    let (tokens, finish, _) = collect(engine.submit(timed).expect("submit"), 1).await;
+    assert_eq!(finish[0], Finish::DeadlineExceeded);
+    assert!(!tokens[0].is_empty() || finish[0] == Finish::DeadlineExceeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_are_independent_seeded_sequences() {
+    let engine = start(EngineConfig::default());
+    let mut r = request("n", prompt(5, 6), 10, sampling(1));
+    r.n = 3;
+    let (tokens, _, _) = collect(engine.submit(r).expect("submit"), 3).await;
+    // Choice k samples with seed + k: equal to a single request with that seed.
+    for (k, t) in tokens.iter().enumerate() {
+        let mut s = sampling(1);
+        s.seed += k as u64;
+        let (alone, _, _) = collect(
+            engine
+                .submit(request(&format!("n{k}"), prompt(5, 6), 10, s))
+                .expect("submit"),
+            1,
+        )
+        .await;
+        assert_eq!(&alone[0], t, "choice {k}");
+    }
+    assert_ne!(tokens[0], tokens[1]);
+}
