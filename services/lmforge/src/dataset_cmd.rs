@@ -83,6 +83,10 @@ pub struct UploadArgs {
     /// Input encoding (utf-8, gbk, gb18030, utf-16).
     #[arg(long, default_value = "")]
     pub encoding: String,
+    /// Fraction of lines that may fail to parse (reported by line) before the upload is
+    /// refused; default 0.1.
+    #[arg(long)]
+    pub max_parse_errors: Option<f64>,
     /// CSV column of the user turn.
     #[arg(long)]
     pub csv_question: Option<String>,
@@ -210,6 +214,7 @@ impl UploadArgs {
         let config = pb::IngestConfig {
             parse: Some(pb::ParseOptions {
                 encoding: self.encoding.clone(),
+                max_parse_error_fraction: self.max_parse_errors,
                 csv: Some(pb::CsvColumnMapping {
                     question_column: self.csv_question.clone(),
                     answer_column: self.csv_answer.clone(),
