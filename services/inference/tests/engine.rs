@@ -22,7 +22,16 @@ fn fixture() -> PathBuf {
 }
 
 fn start(config: EngineConfig) -> EngineHandle {
-    let ckpt = hf::load_checkpoint(&fixture(), DType::F32, &Device::Cpu).expect("checkpoint");
+    start_with_context(config, None)
+}
+
+/// The fixture with its context stretched (rope tables only; no weight depends on it), for
+/// generations long enough to outlast a deadline on any machine.
+fn start_with_context(config: EngineConfig, context: Option<usize>) -> EngineHandle {
+    let mut ckpt = hf::load_checkpoint(&fixture(), DType::F32, &Device::Cpu).expect("checkpoint");
+    if let Some(c) = context {
+        ckpt.config.max_position_embeddings = c;
+    }
     let model = Model::new(&ckpt.config, &ckpt.weights).expect("model");
     let tok = Arc::new(TextTokenizer::from_dir(&fixture()).expect("tokenizer"));
     engine::spawn(model, tok, config, "tiny-llama").expect("engine")
@@ -393,14 +402,22 @@ async fn a_shared_prefix_is_served_from_cached_blocks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_end_queued_and_running_requests() {
-    let engine = start(EngineConfig {
-        max_running: 1,
-        block_size: 4,
-        num_blocks: 32,
-        ..Default::default()
-    });
+    let engine = start_with_context(
+        EngineConfig {
+            max_running: 1,
+            block_size: 4,
+            num_blocks: 1024,
+            ..Default::default()
+        },
+        Some(4096),
+    );
     let mut running = engine
-        .submit(request("long", prompt(1, 5), 60, SamplingParams::greedy()))
+        .submit(request(
+            "long",
+            prompt(1, 5),
+            3000,
+            SamplingParams::greedy(),
+        ))
         .expect("submit");
     while !matches!(running.recv().await, Some(Event::Token { .. })) {}
     let mut queued = request("late", prompt(2, 5), 5, SamplingParams::greedy());
@@ -408,11 +425,17 @@ async fn deadlines_end_queued_and_running_requests() {
     let mut rx = engine.submit(queued).expect("submit");
     assert_eq!(rx.recv().await, Some(Event::Expired));
     drop(running);
-    let mut timed = request("timed", prompt(3, 5), 60, SamplingParams::greedy());
-    timed.deadline = Some(Instant::now() + Duration::from_millis(30));
+    wait_for(&engine, "the long request freed", |s| s.running == 0).await;
+    // 3000 tokens take far longer than 150 ms; admission takes far less.
+    let mut timed = request("timed", prompt(3, 5), 3000, SamplingParams::greedy());
+    timed.deadline = Some(Instant::now() + Duration::from_millis(150));
     let (tokens, finish, _) = collect(engine.submit(timed).expect("submit"), 1).await;
     assert_eq!(finish[0], Finish::DeadlineExceeded);
-    assert!(!tokens[0].is_empty() || finish[0] == Finish::DeadlineExceeded);
+    assert!(
+        !tokens[0].is_empty() && tokens[0].len() < 3000,
+        "{}",
+        tokens[0].len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
