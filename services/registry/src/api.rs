@@ -745,6 +745,11 @@ fn watch_stream(
     mut moves: broadcast::Receiver<crate::domain::AliasEvent>,
 ) -> StreamOf<pb::WatchAliasResponse> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
+    // The move the snapshot already shows can still arrive from the notification channel
+    // (it was committed just before the watch subscribed): it is not news, so it is skipped.
+    let shown = current
+        .as_ref()
+        .and_then(|c| c.updated_at.map(|t| (c.version, (t.seconds, t.nanos))));
     tokio::spawn(async move {
         let initial = pb::WatchAliasResponse {
             current,
@@ -760,7 +765,16 @@ fn watch_stream(
                 () = tx.closed() => return,
             };
             let event = match received {
-                Ok(event) if event.model_name == model && event.alias == alias => Some(event),
+                Ok(event) if event.model_name == model && event.alias == alias => {
+                    let at = (
+                        event.at.timestamp(),
+                        event.at.timestamp_subsec_nanos() as i32,
+                    );
+                    if shown.is_some_and(|(v, t)| event.to_version == Some(v) && at <= t) {
+                        continue;
+                    }
+                    Some(event)
+                }
                 Ok(_) => continue,
                 // Missed some moves: send the current value so the watcher resynchronises.
                 Err(broadcast::error::RecvError::Lagged(_)) => None,
