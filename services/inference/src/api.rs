@@ -45,7 +45,12 @@ pub struct InferenceApi {
 /// A validated request, ready for an engine.
 struct Prepared {
     served: Arc<Served>,
-    request: EngineRequest,
+    /// What the response needs of the request once it is handed to the engine.
+    id: String,
+    prompt_len: usize,
+    n: usize,
+    /// Taken by `submit`.
+    request: Option<EngineRequest>,
     include_stop: bool,
     logprobs: bool,
     details: bool,
@@ -410,7 +415,10 @@ impl InferenceApi {
             .span_context()
             .clone();
         Ok(Prepared {
-            request: EngineRequest {
+            id: id.clone(),
+            prompt_len: prompt.len(),
+            n,
+            request: Some(EngineRequest {
                 id,
                 prompt,
                 sampling,
@@ -422,7 +430,7 @@ impl InferenceApi {
                 deadline,
                 arrived,
                 span,
-            },
+            }),
             served,
             include_stop: s.include_stop_str_in_output,
             logprobs: s.logprobs,
@@ -436,7 +444,7 @@ impl InferenceApi {
         &self,
         p: &mut Prepared,
     ) -> Result<(UnboundedReceiver<Event>, InflightGuard), Status> {
-        let id = p.request.id.clone();
+        let id = p.id.clone();
         {
             let mut table = self.inflight.lock().expect("inflight");
             if table.contains_key(&id) {
@@ -450,25 +458,10 @@ impl InferenceApi {
             table: self.inflight.clone(),
             id,
         };
-        let placeholder = EngineRequest {
-            id: String::new(),
-            prompt: Vec::new(),
-            sampling: SamplingParams::default(),
-            stop: StopConfig::default(),
-            min_tokens: 0,
-            logit_bias: Vec::new(),
-            n: 0,
-            priority: 0,
-            deadline: None,
-            arrived: p.arrived,
-            span: opentelemetry::trace::SpanContext::empty_context(),
-        };
-        let mut request = std::mem::replace(&mut p.request, placeholder);
-        // Keep what the response needs.
-        p.request.id = request.id.clone();
-        p.request.prompt = request.prompt.clone();
-        p.request.n = request.n;
-        request.arrived = p.arrived;
+        let request = p
+            .request
+            .take()
+            .ok_or_else(|| Status::internal("request submitted twice"))?;
         let rx = p.served.engine.submit(request).map_err(submit_status)?;
         Ok((rx, guard))
     }
@@ -593,7 +586,7 @@ impl InferenceApi {
     /// Run a prepared request to the end and build its response.
     async fn collect(&self, mut p: Prepared) -> Result<pb::GenerateResponse, Status> {
         let (mut rx, _guard) = self.submit(&mut p)?;
-        let n = p.request.n;
+        let n = p.n;
         let mut choices: Vec<ChoiceAcc> = (0..n).map(|_| ChoiceAcc::default()).collect();
         let mut marks = Marks::default();
         let mut cached = 0;
@@ -667,9 +660,9 @@ impl InferenceApi {
                 }
             })
             .collect();
-        let prompt_tokens = p.request.prompt.len() as u32;
+        let prompt_tokens = p.prompt_len as u32;
         Ok(pb::GenerateResponse {
-            request_id: p.request.id.clone(),
+            request_id: p.id.clone(),
             model: Some(p.served.resolved.clone()),
             choices,
             prompt_tokens: Vec::new(),
@@ -707,7 +700,8 @@ impl InferenceApi {
 
 /// State of one GenerateStream call, carried by `unfold`.
 struct StreamState {
-    api_guard: InflightGuard,
+    /// Held for its `Drop`: the id leaves the in-flight table when the stream ends.
+    _guard: InflightGuard,
     rx: UnboundedReceiver<Event>,
     p: Prepared,
     marks: Marks,
@@ -732,7 +726,7 @@ impl StreamState {
                 )));
             };
             let mut msg = pb::GenerateStreamResponse {
-                request_id: self.p.request.id.clone(),
+                request_id: self.p.id.clone(),
                 ..Default::default()
             };
             match event {
@@ -775,7 +769,7 @@ impl StreamState {
                     msg.error = error;
                     if self.open == 0 {
                         self.done = true;
-                        let prompt = self.p.request.prompt.len() as u32;
+                        let prompt = self.p.prompt_len as u32;
                         let completion: usize = self.lengths.iter().sum();
                         msg.usage = Some(pb::Usage {
                             prompt_tokens: prompt,
@@ -798,7 +792,6 @@ impl StreamState {
                 self.sent_model = true;
                 msg.model = Some(self.p.served.resolved.clone());
             }
-            let _ = &self.api_guard;
             return Some(Ok(msg));
         }
     }
@@ -832,9 +825,9 @@ impl InferenceService for InferenceApi {
             let _e = span.enter();
             let mut p = self.prepare(req, timeout, "")?;
             let (rx, guard) = self.submit(&mut p)?;
-            let n = p.request.n;
+            let n = p.n;
             StreamState {
-                api_guard: guard,
+                _guard: guard,
                 rx,
                 p,
                 marks: Marks::default(),
