@@ -11,7 +11,7 @@ SERVICES := scripts/services.sh
 # Exports LMFORGE_DATABASE_URL, DATABASE_URL and LMFORGE_NATS_URL for the command after it.
 WITH_SERVICES = service_env="$$($(SERVICES) env)" && eval "$$service_env" &&
 
-.PHONY: all build services services-down services-status test lint fmt demo up bench bench-serve clean help
+.PHONY: all build services services-down services-status test lint fmt demo up bench bench-serve clean help gateway-venv
 
 all: build
 
@@ -22,7 +22,8 @@ help:
 	@echo "make services       make Postgres and NATS reachable, print their URLs"
 	@echo "make services-down  stop the private Postgres and NATS under .lmforge/"
 	@echo "make up             run the whole stack in one process (lmforge up)"
-	@echo "make bench          run the benchmarks and print their tables"
+	@echo "make bench          run the benchmarks and print their tables (gateway's included)"
+	@echo "make gateway-venv   .venv-gateway with the openai package (for the gateway's SDK test)"
 	@echo "make bench-serve    lmforge bench serve on the tiny and small shapes (in-process stack)"
 
 build:
@@ -37,8 +38,17 @@ services-down:
 services-status:
 	@$(SERVICES) status
 
-test:
+test: gateway-venv
 	$(WITH_SERVICES) $(CARGO) test --workspace --no-fail-fast
+
+# The official `openai` package that drives the gateway in services/gateway/tests/openai_sdk.rs.
+GATEWAY_VENV := .venv-gateway
+gateway-venv: $(GATEWAY_VENV)/.installed
+$(GATEWAY_VENV)/.installed:
+	@$(SERVICES) python
+	python3 -m venv $(GATEWAY_VENV)
+	$(GATEWAY_VENV)/bin/pip install --quiet --disable-pip-version-check openai
+	touch $@
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -603,13 +603,20 @@ cmd_status() {
     return 0
 }
 
+# python3 with the venv module (Debian: python3-venv), for the test drivers in Python.
+cmd_python() {
+    if python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then return 0; fi
+    ensure_packages python3 python3-venv
+}
+
 usage() {
     cat >&2 <<EOF
-usage: $0 {up|down|env|status}
+usage: $0 {up|down|env|status|python}
   up      ensure Postgres and NATS JetStream run; print their URLs
   env     like up, but print only 'export ...' lines (for eval)
   status  show what runs and where
   down    stop the private instances started by this script (data is kept)
+  python  make sure python3 and its venv module are installed (Debian packages)
 EOF
 }
 
@@ -619,6 +626,7 @@ main() {
         env)    cmd_env ;;
         down)   cmd_down ;;
         status) cmd_status ;;
+        python) cmd_python ;;
         -h|--help|help) usage ;;
         *) usage; exit 2 ;;
     esac

@@ -103,6 +103,27 @@ pub struct LifecycleArgs {
     pub probe_interval: Duration,
 }
 
+/// An artifact store URL (`LMFORGE_ARTIFACTS`), with a plain or relative directory made an
+/// absolute `file://` URL.
+pub fn artifacts_url(value: &str) -> Result<String, StartupError> {
+    let value = value.trim();
+    if value.contains("://") {
+        return Ok(value.to_owned());
+    }
+    let path = std::path::Path::new(value);
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| StartupError::Invalid {
+                setting: "LMFORGE_ARTIFACTS",
+                reason: format!("cannot resolve `{value}`: {e}"),
+            })?
+            .join(path)
+    };
+    Ok(format!("file://{}", absolute.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -89,6 +89,7 @@ fn main() {
                                 },
                                 min_tokens: 0,
                                 logit_bias: vec![],
+                                json_object: false,
                                 n: 1,
                                 priority: 0,
                                 deadline: None,

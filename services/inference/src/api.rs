@@ -375,15 +375,10 @@ impl InferenceApi {
             }
             logit_bias.push((id, b));
         }
-        if s.response_format
+        let json_object = s
+            .response_format
             .as_ref()
-            .is_some_and(|r| r.r#type == pb::ResponseFormatType::JsonObject as i32)
-        {
-            return Err(invalid(
-                &sf("response_format"),
-                "JSON mode is not supported by this replica yet",
-            ));
-        }
+            .is_some_and(|r| r.r#type == pb::ResponseFormatType::JsonObject as i32);
         let deadline = deadline_of(req.deadline.as_ref(), grpc_timeout, arrived)?;
         let seed = s
             .seed
@@ -425,6 +420,7 @@ impl InferenceApi {
                 stop,
                 min_tokens: min_tokens as usize,
                 logit_bias,
+                json_object,
                 n,
                 priority: req.priority,
                 deadline,

@@ -3,14 +3,14 @@
 //!
 //! - [`config`]: flags and `LMFORGE_INFERENCE_*` env vars.
 //! - [`engine`]: the batching engine thread (scheduler, paged KV blocks, prefix cache).
-//! - [`models`]: loaded versions, memory budget, alias hot swaps; [`fetch`]: downloads.
+//! - [`models`]: loaded versions, memory budget, alias hot swaps; [`fetch`] (re-exported from `lmforge-registry-client`): downloads.
 //! - [`api`]: the gRPC service.
 //! - [`serve`]: what `main`, `lmforge up` and the tests call.
 
 pub mod api;
 pub mod config;
 pub mod engine;
-pub mod fetch;
+pub use lmforge_registry_client::fetch;
 pub mod models;
 
 use std::future::Future;

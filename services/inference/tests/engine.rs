@@ -59,6 +59,7 @@ fn request(
         },
         min_tokens: 0,
         logit_bias: vec![],
+        json_object: false,
         n: 1,
         priority: 0,
         deadline: None,
@@ -458,4 +459,36 @@ async fn n_choices_are_independent_seeded_sequences() {
         assert_eq!(&alone[0], t, "choice {k}");
     }
     assert_ne!(tokens[0], tokens[1]);
+}
+
+/// JSON mode: every choice, sampled or greedy, with a generous or a tight token budget, is
+/// one JSON object, closed before max_tokens.
+#[tokio::test]
+async fn json_mode_outputs_always_parse_as_json_objects() {
+    let engine = start(EngineConfig::default());
+    let tok = TextTokenizer::from_dir(&fixture()).expect("tokenizer");
+    let eos = tok.eos_token_id().into_iter().collect::<Vec<_>>();
+    for (i, max_tokens) in [2usize, 3, 8, 20, 40].into_iter().enumerate() {
+        for s in 0..3u32 {
+            let mut r = request(
+                &format!("json{i}-{s}"),
+                prompt(s, 6),
+                max_tokens,
+                sampling(s + 1),
+            );
+            r.json_object = true;
+            r.stop.eos_token_ids = eos.clone();
+            r.n = 2;
+            let rx = engine.submit(r).expect("submit");
+            let (tokens, _, _) = collect(rx, 2).await;
+            for choice in tokens {
+                assert!(choice.len() <= max_tokens);
+                let text = tok.inner.decode(&choice, true).expect("decode");
+                let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+                    panic!("max_tokens {max_tokens}: {text:?} is not JSON: {e}")
+                });
+                assert!(value.is_object(), "{text}");
+            }
+        }
+    }
 }

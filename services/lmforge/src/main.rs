@@ -48,6 +48,10 @@ enum Command {
     },
     /// Datasets: upload, list, show, report, head.
     Dataset(lmforge::dataset_cmd::DatasetArgs),
+    /// Gateway API keys: create, list, revoke.
+    Key(lmforge::key_cmd::KeyArgs),
+    /// Training jobs: submit, list, get, watch, cancel, logs.
+    Job(lmforge::job_cmd::JobArgs),
     /// Ask running servers (gRPC addresses) for their health and services.
     Health {
         /// gRPC addresses, e.g. 127.0.0.1:50053.
@@ -187,6 +191,8 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo(args).await,
             Command::Health { addrs } => health(addrs).await,
             Command::Dataset(args) => lmforge::dataset_cmd::run(args).await,
+            Command::Key(args) => lmforge::key_cmd::run(args).await,
+            Command::Job(args) => lmforge::job_cmd::run(args).await,
             Command::Generate(args) => lmforge::generate_cmd::run(args).await,
             Command::Bench { command } => lmforge::bench_serve::run(command).await,
             Command::Model {

@@ -197,6 +197,14 @@ impl Stack {
         jobs.nats = options.nats.clone();
         jobs.schema = schema("jobs");
         jobs.lifecycle.probe_interval = options.probe_interval;
+        jobs.registry_url = registry_url.clone();
+        jobs.ingest_url = endpoint(ingest_bound.grpc_addr());
+        // A stack with its own schemas also gets its own work queue.
+        if let Some(prefix) = &options.schema_prefix {
+            jobs.subject_prefix = format!("{prefix}.jobs");
+            jobs.stream = format!("{}_JOBS", prefix.to_uppercase());
+        }
+        let (subject_prefix, stream) = (jobs.subject_prefix.clone(), jobs.stream.clone());
         let bound = listeners(options.ephemeral, jobs.listen, jobs.admin_listen, "jobs").await?;
         services.push(launch(
             "jobs",
@@ -208,6 +216,9 @@ impl Stack {
         let mut trainer: lmforge_trainer::Config = defaults("lmforge-trainer")?;
         trainer.nats = options.nats.clone();
         trainer.registry_url = registry_url.clone();
+        trainer.ingest_url = endpoint(ingest_bound.grpc_addr());
+        trainer.subject_prefix = subject_prefix;
+        trainer.stream = stream;
         trainer.lifecycle.probe_interval = options.probe_interval;
         let bound = listeners(
             options.ephemeral,
@@ -256,6 +267,9 @@ impl Stack {
         gateway.schema = schema("gateway");
         gateway.inference_url = inference_url;
         gateway.lifecycle.probe_interval = options.probe_interval;
+        if options.ephemeral {
+            gateway.http_listen = ([127, 0, 0, 1], 0).into();
+        }
         let bound = listeners(
             options.ephemeral,
             gateway.listen,

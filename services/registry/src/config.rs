@@ -45,22 +45,7 @@ impl Config {
     /// The artifact store URL, with a plain or relative directory made an absolute
     /// `file://` URL.
     pub fn artifacts_url(&self) -> Result<String, StartupError> {
-        let value = self.artifacts.trim();
-        if value.contains("://") {
-            return Ok(value.to_owned());
-        }
-        let path = std::path::Path::new(value);
-        let absolute = if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            std::env::current_dir()
-                .map_err(|e| StartupError::Invalid {
-                    setting: "LMFORGE_ARTIFACTS",
-                    reason: format!("cannot resolve `{value}`: {e}"),
-                })?
-                .join(path)
-        };
-        Ok(format!("file://{}", absolute.display()))
+        lmforge_runtime::args::artifacts_url(&self.artifacts)
     }
 }
 

@@ -74,11 +74,24 @@ pub(super) struct NewRequest {
     stop: StopConfig,
     min_tokens: usize,
     logit_bias: Vec<(u32, f32)>,
+    json_object: bool,
 }
 
 impl NewRequest {
-    /// One sequence per choice; choice `k` samples with seed `seed + k`.
-    pub fn into_sequences(self) -> Vec<Sequence> {
+    /// Whether the request is in JSON mode (the engine then supplies the vocabulary).
+    pub fn wants_json(&self) -> bool {
+        self.json_object
+    }
+
+    /// One sequence per choice; choice `k` samples with seed `seed + k`. `json_vocab` is
+    /// the model's JSON-mode vocabulary, given when [`NewRequest::wants_json`].
+    pub fn into_sequences(
+        self,
+        json_vocab: Option<Arc<super::json_mode::JsonVocab>>,
+    ) -> Vec<Sequence> {
+        let json = json_vocab
+            .filter(|_| self.json_object)
+            .map(super::json_mode::JsonConstraint::new);
         (0..self.n)
             .map(|k| {
                 let mut params = self.sampling.clone();
@@ -101,6 +114,7 @@ impl NewRequest {
                         .collect(),
                     min_tokens: self.min_tokens,
                     logit_bias: self.logit_bias.clone(),
+                    json: json.clone(),
                     order: 0,
                     last_token: None,
                 }
@@ -137,6 +151,7 @@ impl Waiting {
             stop: r.stop,
             min_tokens: r.min_tokens,
             logit_bias: r.logit_bias,
+            json_object: r.json_object,
         })
     }
 
@@ -185,6 +200,8 @@ pub(super) struct Sequence {
     stop_ids: Vec<u32>,
     min_tokens: usize,
     logit_bias: Vec<(u32, f32)>,
+    /// JSON mode's state, when on.
+    json: Option<super::json_mode::JsonConstraint>,
     /// Admission order; the highest is the newest (preempted first).
     pub order: u64,
     last_token: Option<Instant>,
@@ -214,8 +231,20 @@ impl Sequence {
                 }
             }
         }
+        if let Some(json) = &self.json {
+            let by_length = self
+                .stream
+                .config
+                .max_tokens
+                .map_or(usize::MAX, |m| m.saturating_sub(generated));
+            let remaining = by_length.min(max_context.saturating_sub(self.tokens.len()));
+            json.mask(&mut row, remaining, &self.stop_ids);
+        }
         let (prompt, output) = self.tokens.split_at(self.prompt_len);
         let sampled = self.sampler.sample(&row, prompt, output)?;
+        if let Some(json) = &mut self.json {
+            json.accept(sampled.token);
+        }
         self.tokens.push(sampled.token);
         let now = Instant::now();
         match self.last_token {
