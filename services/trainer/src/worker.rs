@@ -284,15 +284,19 @@ impl Worker {
         // Keep the message alive from the first moment: downloads may take a while.
         let stop = Arc::new(AtomicU8::new(RUNNING));
         let started = Arc::new(AtomicBool::new(false));
-        let beat = tokio::spawn(heartbeat(
-            self.clone(),
-            job_id.clone(),
-            attempt,
-            message.clone(),
-            (ack_wait / 3).max(Duration::from_millis(30)),
-            stop.clone(),
-            started.clone(),
-        ));
+        // Spawned tasks report in the job's trace too.
+        let beat = tokio::spawn(
+            heartbeat(
+                self.clone(),
+                job_id.clone(),
+                attempt,
+                message.clone(),
+                (ack_wait / 3).max(Duration::from_millis(30)),
+                stop.clone(),
+                started.clone(),
+            )
+            .in_current_span(),
+        );
         let settle = self
             .work_inner(job_id, attempt, stream_sequence, stop, started, shutdown)
             .await;
@@ -442,13 +446,16 @@ impl Worker {
             device: self.device.clone(),
         };
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let reporter = tokio::spawn(reporter(
-            self.clone(),
-            job_id.clone(),
-            attempt,
-            events_rx,
-            stop.clone(),
-        ));
+        let reporter = tokio::spawn(
+            reporter(
+                self.clone(),
+                job_id.clone(),
+                attempt,
+                events_rx,
+                stop.clone(),
+            )
+            .in_current_span(),
+        );
         let mut hooks = Hooks {
             worker: self.clone(),
             runtime: tokio::runtime::Handle::current(),
@@ -458,6 +465,7 @@ impl Worker {
             stop: stop.clone(),
             last_progress: None,
             interval: self.progress_interval,
+            span: tracing::Span::current(),
         };
         let result = tokio::task::spawn_blocking(move || {
             let outcome = run::run(inputs, &mut hooks);
@@ -699,6 +707,8 @@ struct Hooks {
     stop: Arc<AtomicU8>,
     last_progress: Option<Instant>,
     interval: Duration,
+    /// The job's span, for the reports sent from the training thread.
+    span: tracing::Span,
 }
 
 impl RunHooks for Hooks {
@@ -740,28 +750,32 @@ impl RunHooks for Hooks {
         let (job_id, attempt) = (self.job_id.clone(), self.attempt);
         let dir = dir.to_path_buf();
         let info = (info.step, info.epoch, info.loss, info.eval_loss, info.best);
-        self.runtime.block_on(async move {
-            let stored = checkpoints::upload(&worker.store, &dir).await?;
-            let (step, epoch, loss, eval_loss, best) = info;
-            let checkpoint = pb::JobCheckpoint {
-                job_id: job_id.clone(),
-                step,
-                epoch,
-                attempt,
-                uri: stored.uri,
-                size_bytes: stored.size_bytes,
-                manifest_sha256: stored.manifest_sha256,
-                loss,
-                eval_loss,
-                best,
-                created_at: Some(now()),
-            };
-            worker
-                .report(&job_id, attempt, Report::Checkpoint(checkpoint))
-                .await
-                .map_err(anyhow::Error::msg)?;
-            Ok(())
-        })
+        let span = self.span.clone();
+        self.runtime.block_on(
+            async move {
+                let stored = checkpoints::upload(&worker.store, &dir).await?;
+                let (step, epoch, loss, eval_loss, best) = info;
+                let checkpoint = pb::JobCheckpoint {
+                    job_id: job_id.clone(),
+                    step,
+                    epoch,
+                    attempt,
+                    uri: stored.uri,
+                    size_bytes: stored.size_bytes,
+                    manifest_sha256: stored.manifest_sha256,
+                    loss,
+                    eval_loss,
+                    best,
+                    created_at: Some(now()),
+                };
+                worker
+                    .report(&job_id, attempt, Report::Checkpoint(checkpoint))
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                Ok(())
+            }
+            .instrument(span),
+        )
     }
 
     fn log(&mut self, level: pb::LogLevel, message: String) {
