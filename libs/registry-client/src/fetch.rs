@@ -9,7 +9,6 @@ use lmforge_proto::v1 as pb;
 use lmforge_proto::v1::registry_service_client::RegistryServiceClient;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
-use tonic::transport::Channel;
 
 /// Why a version could not be fetched.
 #[derive(Debug, thiserror::Error)]
@@ -34,8 +33,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
 
 /// Resolve `reference` (`name@alias`, `name/3`, `name@latest`, `name`) to a READY version and
 /// the alias it followed (empty for versions and `latest`).
-pub async fn resolve(
-    registry: &mut RegistryServiceClient<Channel>,
+pub async fn resolve<T: crate::Transport>(
+    registry: &mut RegistryServiceClient<T>,
     reference: &str,
 ) -> Result<(pb::ModelVersion, String), FetchError> {
     let r = registry
@@ -51,8 +50,8 @@ pub async fn resolve(
 }
 
 /// The local directory holding `version`'s files, downloading them when not cached yet.
-pub async fn fetch(
-    registry: &mut RegistryServiceClient<Channel>,
+pub async fn fetch<T: crate::Transport>(
+    registry: &mut RegistryServiceClient<T>,
     cache_dir: &Path,
     version: &pb::ModelVersion,
 ) -> Result<PathBuf, FetchError> {
@@ -88,8 +87,8 @@ pub async fn fetch(
 
 /// Download every file of `version` into `dir`, each checked against its sha256 and renamed
 /// into place only when complete; `progress` hears of every chunk (file, bytes).
-pub async fn download_all(
-    registry: &mut RegistryServiceClient<Channel>,
+pub async fn download_all<T: crate::Transport>(
+    registry: &mut RegistryServiceClient<T>,
     dir: &Path,
     version: &pb::ModelVersion,
     progress: &mut (dyn FnMut(&pb::ArtifactFile, u64) + Send),

@@ -9,7 +9,6 @@ use lmforge_proto::v1 as pb;
 use lmforge_proto::v1::registry_service_client::RegistryServiceClient;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
-use tonic::transport::Channel;
 
 /// Upload chunk size: well under gRPC's 4 MiB message limit.
 const CHUNK: usize = 1024 * 1024;
@@ -157,8 +156,8 @@ pub async fn sha256_of(path: &Path) -> Result<(String, u64), UploadError> {
 /// the caller knows (lineage, tags, metrics, description, `create_model_if_missing`); its
 /// format, architecture, context length and chat template are filled from the directory
 /// where left empty. `progress` hears (file, its size, bytes just read) for every chunk.
-pub async fn register_dir(
-    client: &mut RegistryServiceClient<Channel>,
+pub async fn register_dir<T: crate::Transport>(
+    client: &mut RegistryServiceClient<T>,
     dir: &Path,
     mut request: pb::CreateModelVersionRequest,
     progress: Progress,

@@ -9,9 +9,9 @@ use lmforge_proto::v1 as pb;
 use lmforge_proto::v1::dataset_service_client::DatasetServiceClient;
 use lmforge_proto::v1::registry_service_client::RegistryServiceClient;
 use lmforge_registry_client::fetch::{self, FetchError};
+use lmforge_telemetry::propagation::TracedChannel;
 use tokio::io::AsyncWriteExt;
 use tonic::Code;
-use tonic::transport::Channel;
 
 use crate::run::BaseModel;
 
@@ -48,7 +48,7 @@ impl InputError {
 
 /// The local train and eval JSONL files of a dataset version.
 pub async fn dataset(
-    client: &mut DatasetServiceClient<Channel>,
+    client: &mut DatasetServiceClient<TracedChannel>,
     cache_dir: &Path,
     version_id: &str,
 ) -> Result<(PathBuf, Option<PathBuf>), InputError> {
@@ -118,7 +118,7 @@ fn fetch_error(what: &str, error: FetchError) -> InputError {
 
 /// The version `model` names, downloaded (or found in the cache).
 async fn version_dir(
-    registry: &mut RegistryServiceClient<Channel>,
+    registry: &mut RegistryServiceClient<TracedChannel>,
     cache_dir: &Path,
     model: &pb::ResolvedModel,
 ) -> Result<(pb::ModelVersion, PathBuf), InputError> {
@@ -140,7 +140,7 @@ async fn version_dir(
 /// The base model of a job: an HF directory, an adapter with its parent's directory, or a
 /// from-scratch config (with the directory of the model whose tokenizer it reuses).
 pub async fn base_model(
-    registry: &mut RegistryServiceClient<Channel>,
+    registry: &mut RegistryServiceClient<TracedChannel>,
     cache_dir: &Path,
     job: &pb::Job,
 ) -> Result<BaseModel, InputError> {

@@ -21,6 +21,7 @@ use lmforge_proto::v1::registry_service_client::RegistryServiceClient;
 use lmforge_runtime::probes::Probes;
 use lmforge_runtime::server::{ServiceHost, grpc_server};
 use lmforge_runtime::{Listeners, StartupError};
+use lmforge_telemetry::propagation::traced_channel;
 
 pub use config::Config;
 
@@ -56,20 +57,20 @@ pub async fn serve(
         nats: nats.clone(),
         js: async_nats::jetstream::new(nats.clone()),
         names: QueueNames::new(&config.subject_prefix, &config.stream),
-        registry: RegistryServiceClient::new(
+        registry: RegistryServiceClient::new(traced_channel(
             config
                 .registry_url
                 .clone()
                 .connect_timeout(timeout)
                 .connect_lazy(),
-        ),
-        datasets: DatasetServiceClient::new(
+        )),
+        datasets: DatasetServiceClient::new(traced_channel(
             config
                 .ingest_url
                 .clone()
                 .connect_timeout(timeout)
                 .connect_lazy(),
-        ),
+        )),
         store,
         cache_dir: config.cache_dir.clone(),
         worker_id,

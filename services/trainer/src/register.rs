@@ -194,7 +194,9 @@ pub async fn register(
 /// Moves `alias` to `version` when it is better than the alias's current target (compare and
 /// set, so a concurrent move is never overwritten). Returns what happened, for the job's log.
 async fn move_alias(
-    registry: &mut pb::registry_service_client::RegistryServiceClient<tonic::transport::Channel>,
+    registry: &mut pb::registry_service_client::RegistryServiceClient<
+        lmforge_telemetry::propagation::TracedChannel,
+    >,
     job: &pb::Job,
     alias: &str,
     version: &pb::ModelVersion,

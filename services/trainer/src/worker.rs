@@ -21,10 +21,10 @@ use lmforge_proto::v1 as pb;
 use lmforge_proto::v1::dataset_service_client::DatasetServiceClient;
 use lmforge_proto::v1::registry_service_client::RegistryServiceClient;
 use lmforge_store::ArtifactStore;
+use lmforge_telemetry::propagation::TracedChannel;
 use pb::worker_report::Report;
 use prost::Message;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::Channel;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -70,8 +70,9 @@ pub struct Worker {
     pub nats: async_nats::Client,
     pub js: jetstream::Context,
     pub names: QueueNames,
-    pub registry: RegistryServiceClient<Channel>,
-    pub datasets: DatasetServiceClient<Channel>,
+    /// Traced: registration and downloads are part of the job's trace.
+    pub registry: RegistryServiceClient<TracedChannel>,
+    pub datasets: DatasetServiceClient<TracedChannel>,
     pub store: ArtifactStore,
     pub cache_dir: PathBuf,
     pub worker_id: String,

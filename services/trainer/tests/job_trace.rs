@@ -1,5 +1,6 @@
 //! A training job is one trace: the SubmitJob call, its dispatch over NATS, the worker's
-//! `trainer.job` span and every report the worker sends back share the submit's trace id.
+//! `trainer.job` span, every report the worker sends back, and the registration of the result
+//! in the registry share the submit's trace id.
 //! (Its own test binary: it installs the global tracing subscriber.)
 
 mod common;
@@ -47,7 +48,7 @@ async fn a_job_is_one_trace_from_submit_through_training() {
     );
     // The worker's span closes once the message is settled, just after the job is SUCCEEDED.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let (submit, worker, reports) = loop {
+    let (submit, worker, reports, registered) = loop {
         let spans = exporter.get_finished_spans().expect("spans");
         let submit = spans
             .iter()
@@ -63,8 +64,21 @@ async fn a_job_is_one_trace_from_submit_through_training() {
             .filter(|s| s.name == "jobs.report")
             .map(|s| s.span_context.trace_id())
             .collect();
+        let registered: Vec<_> = spans
+            .iter()
+            .filter(|s| {
+                s.name == "lmforge.v1.RegistryService/CreateModelVersion"
+                    || s.name == "lmforge.v1.RegistryService/FinalizeModelVersion"
+            })
+            .map(|s| s.span_context.trace_id())
+            .collect();
         if (submit.is_some() && !worker.is_empty()) || std::time::Instant::now() > deadline {
-            break (submit.expect("a SubmitJob server span"), worker, reports);
+            break (
+                submit.expect("a SubmitJob server span"),
+                worker,
+                reports,
+                registered,
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -80,6 +94,12 @@ async fn a_job_is_one_trace_from_submit_through_training() {
     assert!(
         reports.iter().all(|t| *t == submit),
         "every report of the job is in the job's trace"
+    );
+    // The registry's server spans of the registration (the base model's import by the test
+    // is a separate trace).
+    assert!(
+        registered.iter().filter(|t| **t == submit).count() >= 2,
+        "the registration is in the job's trace: {registered:?} vs {submit:?}"
     );
     stack.stop().await;
 }
