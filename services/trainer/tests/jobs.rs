@@ -635,3 +635,37 @@ async fn a_worker_killed_mid_job_is_resumed_to_the_same_weights() {
     );
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn higher_priority_jobs_run_first() {
+    let mut stack = Stack::start("jobs_prio", JobsTuning::default()).await;
+    stack.import_base("base-tiny").await;
+    let dataset = stack.upload_dataset("support", 12).await;
+    // Queued while no worker runs, lowest priority first.
+    let mut ids = Vec::new();
+    for priority in [-50, 0, 50] {
+        let mut s = spec("base-tiny/1", &dataset, "prio", 1);
+        s.priority = priority;
+        if let Some(h) = s.hyperparameters.as_mut() {
+            h.eval_every_steps = 0;
+            h.checkpoint_every_steps = 0;
+        }
+        ids.push(stack.submit(s).await.expect("submit").id);
+    }
+    stack.start_worker("w1").await;
+    let mut started = Vec::new();
+    for id in &ids {
+        let job = stack
+            .wait_for(id, &[JobState::Succeeded, JobState::Failed], MINUTE)
+            .await;
+        assert_eq!(job.state, JobState::Succeeded as i32, "{:?}", job.failure);
+        let t = job.started_at.expect("started");
+        started.push((t.seconds, t.nanos));
+    }
+    // One worker, one job at a time: high (50) before normal (0) before low (-50).
+    assert!(
+        started[2] < started[1] && started[1] < started[0],
+        "start times by priority -50, 0, 50: {started:?}"
+    );
+    stack.stop().await;
+}
