@@ -29,7 +29,6 @@ async fn a_job_trains_registers_its_lineage_and_streams_progress() {
     let mut stack = Stack::start("jobs_ok", JobsTuning::default()).await;
     stack.import_base("base-tiny").await;
     let dataset = stack.upload_dataset("support", 60).await;
-    stack.start_worker("w1").await;
     let mut s = spec("base-tiny/1", &dataset, "support-tiny", 6);
     s.output_alias = "staging".into();
     s.client_request_id = "req-1".into();
@@ -63,6 +62,8 @@ async fn a_job_trains_registers_its_lineage_and_streams_progress() {
         .await
         .expect("watch")
         .into_inner();
+    // The worker starts once the watch is in place, so the watch sees every state change.
+    stack.start_worker("w1").await;
     let mut kinds = Vec::new();
     let mut states = Vec::new();
     let mut steps = Vec::new();
