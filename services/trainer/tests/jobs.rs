@@ -541,7 +541,8 @@ async fn a_worker_killed_mid_job_is_resumed_to_the_same_weights() {
     let mut stack = Stack::start("jobs_kill", tuning).await;
     stack.import_base("base-tiny").await;
     let dataset = stack.upload_dataset("support", 60).await;
-    let steps = 40;
+    // Long enough that the run cannot finish between two polls after its second checkpoint.
+    let steps = 100;
     let mut s = spec("base-tiny/1", &dataset, "resumed", steps);
     if let Some(h) = s.hyperparameters.as_mut() {
         h.eval_every_steps = 0;
