@@ -61,9 +61,7 @@ pub struct CheckpointDir {
 /// Checks a Hugging Face checkpoint (or PEFT adapter) directory.
 pub fn inspect(dir: &Path) -> Result<CheckpointDir, UploadError> {
     let invalid = |m: String| UploadError::Invalid(format!("{}: {m}", dir.display()));
-    let mut files = Vec::new();
-    collect_files(dir, dir, &mut files)?;
-    files.sort();
+    let files = list_files(dir)?;
     let has = |name: &str| files.iter().any(|f| f == name);
     if has("adapter_config.json") {
         if !has("adapter_model.safetensors") {
@@ -114,6 +112,14 @@ pub fn inspect(dir: &Path) -> Result<CheckpointDir, UploadError> {
         chat_template,
         files,
     })
+}
+
+/// Every regular file under `dir`, as sorted `/`-separated relative paths.
+pub fn list_files(dir: &Path) -> Result<Vec<String>, UploadError> {
+    let mut files = Vec::new();
+    collect_files(dir, dir, &mut files)?;
+    files.sort();
+    Ok(files)
 }
 
 fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), UploadError> {

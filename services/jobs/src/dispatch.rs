@@ -3,7 +3,6 @@
 //! for a running one.
 
 use async_nats::jetstream;
-use lmforge_proto::v1 as pb;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -72,10 +71,4 @@ impl Dispatcher {
             )
             .await;
     }
-}
-
-/// The job state for a failed publish: still QUEUED, without a stream sequence, so that the
-/// sweeper dispatches it again.
-pub fn needs_dispatch(row: &JobRow) -> bool {
-    row.state() == pb::JobState::Queued && row.stream_seq.is_none()
 }

@@ -29,25 +29,9 @@ pub struct Stored {
     pub size_bytes: u64,
 }
 
-fn files_under(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let path = entry.path();
-        if entry.file_type()?.is_dir() {
-            files_under(root, &path, out)?;
-        } else {
-            let rel = path.strip_prefix(root).expect("under root");
-            out.push(rel.to_string_lossy().replace('\\', "/"));
-        }
-    }
-    Ok(())
-}
-
 /// Stores every file of `dir` and its manifest.
 pub async fn upload(store: &ArtifactStore, dir: &Path) -> anyhow::Result<Stored> {
-    let mut paths = Vec::new();
-    files_under(dir, dir, &mut paths)?;
-    paths.sort();
+    let paths = lmforge_registry_client::upload::list_files(dir)?;
     let mut files = Vec::with_capacity(paths.len());
     let mut total = 0;
     for path in paths {
