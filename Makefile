@@ -18,7 +18,7 @@ all: build
 help:
 	@echo "make demo           build, start Postgres+NATS, run the lmforge journey"
 	@echo "make test           start Postgres+NATS if needed, run every test"
-	@echo "make lint           cargo fmt --check and clippy -D warnings"
+	@echo "make lint           cargo fmt --check, clippy -D warnings, deploy/ checks (k8s, compose)"
 	@echo "make services       make Postgres and NATS reachable, print their URLs"
 	@echo "make services-down  stop the private Postgres and NATS under .lmforge/"
 	@echo "make up             run the whole stack in one process (lmforge up)"
@@ -53,6 +53,8 @@ $(GATEWAY_VENV)/.installed:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) test -p lmforge-deploy-check
+	scripts/compose-config.sh deploy/docker-compose.yml
 
 fmt:
 	$(CARGO) fmt --all

@@ -13,16 +13,18 @@ use lmforge_runtime::args::{NatsArgs, PostgresArgs};
 async fn every_service_serves_health_reflection_and_metrics() {
     let prefix = unique_name("stack");
     let mut stack = Stack::start(StackOptions {
-        postgres: PostgresArgs {
-            database_url: database_url(),
-            database_max_connections: 4,
-        },
-        nats: NatsArgs {
-            nats_url: nats_url(),
-        },
         ephemeral: true,
         schema_prefix: Some(prefix.clone()),
         probe_interval: Duration::from_millis(200),
+        ..StackOptions::new(
+            PostgresArgs {
+                database_url: database_url(),
+                database_max_connections: 4,
+            },
+            NatsArgs {
+                nats_url: nats_url(),
+            },
+        )
     })
     .await
     .expect("every port binds");

@@ -7,9 +7,12 @@
 //! - [`propagation`]: trace context into and out of gRPC metadata ([`propagation::server_span`]
 //!   for tonic's `trace_fn`, [`propagation::TraceContextLayer`] for clients) and NATS headers.
 //! - [`metrics`]: the Prometheus recorder and the per-RPC request count and latency layer.
+//! - [`http`]: the axum middleware giving each HTTP request a server span (parented to its
+//!   `traceparent`) and request count and latency metrics.
 //! - [`admin`]: the admin HTTP port (`/metrics`, `/healthz`, `/readyz`) and [`admin::Readiness`].
 
 pub mod admin;
+pub mod http;
 pub mod metrics;
 mod otlp;
 pub mod propagation;
@@ -23,6 +26,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -63,8 +67,12 @@ pub struct TelemetryConfig {
     pub service_name: String,
     /// Log line format (`LMFORGE_LOG_FORMAT`).
     pub log_format: LogFormat,
-    /// `tracing` env filter (`LMFORGE_LOG`, else `RUST_LOG`, else a quiet default).
+    /// `tracing` env filter of the log lines (`LMFORGE_LOG`, else `RUST_LOG`, else a quiet
+    /// default). Span export has its own filter (`LMFORGE_TRACE_FILTER`, default: every
+    /// `info` span of lmforge), so quieter logs never cut a trace short.
     pub filter: String,
+    /// `tracing` env filter of the spans exported (`LMFORGE_TRACE_FILTER`).
+    pub span_filter: String,
     /// OTLP/gRPC collector endpoint (`OTEL_EXPORTER_OTLP_ENDPOINT`); no export when unset.
     pub otlp_endpoint: Option<String>,
     /// How long the batch span processor waits before exporting a batch.
@@ -82,6 +90,10 @@ impl TelemetryConfig {
         let filter = std::env::var("LMFORGE_LOG")
             .or_else(|_| std::env::var("RUST_LOG"))
             .unwrap_or_else(|_| DEFAULT_FILTER.to_owned());
+        let span_filter = std::env::var("LMFORGE_TRACE_FILTER")
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_FILTER.to_owned());
         let otlp_endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
             .ok()
             .filter(|s| !s.trim().is_empty());
@@ -89,6 +101,7 @@ impl TelemetryConfig {
             service_name: service_name.to_owned(),
             log_format,
             filter,
+            span_filter,
             otlp_endpoint,
             export_delay: Duration::from_secs(2),
         })
@@ -148,6 +161,8 @@ pub fn init_with(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryErr
     }
     let filter =
         EnvFilter::try_new(&config.filter).map_err(|e| TelemetryError::BadFilter(e.to_string()))?;
+    let span_filter = EnvFilter::try_new(&config.span_filter)
+        .map_err(|e| TelemetryError::BadFilter(format!("LMFORGE_TRACE_FILTER: {e}")))?;
 
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let resource = Resource::builder()
@@ -164,16 +179,19 @@ pub fn init_with(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryErr
     }
     let provider = builder.build();
     opentelemetry::global::set_tracer_provider(provider.clone());
-    let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("lmforge"));
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("lmforge"))
+        .with_filter(span_filter);
 
-    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+    let registry = tracing_subscriber::registry().with(otel_layer);
     let result = match config.log_format {
         LogFormat::Text => registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::io::stderr)
                     .with_ansi(std::io::stderr().is_terminal())
-                    .with_target(true),
+                    .with_target(true)
+                    .with_filter(filter),
             )
             .try_init(),
         LogFormat::Json => registry
@@ -182,7 +200,8 @@ pub fn init_with(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryErr
                     .with_writer(std::io::stderr)
                     .json()
                     .flatten_event(true)
-                    .with_current_span(true),
+                    .with_current_span(true)
+                    .with_filter(filter),
             )
             .try_init(),
     };

@@ -11,6 +11,7 @@ use futures::FutureExt;
 use lmforge_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::cache::{ResponseCache, cache_key};
 use crate::error::GatewayError;
@@ -367,6 +368,9 @@ impl Gateway {
                     cache.insert(flight_key, Arc::new(out.clone())).await;
                     Ok(out)
                 }
+                // Whichever merged request polls the shared flight, the upstream call is in
+                // the trace of the request that started it.
+                .instrument(tracing::Span::current())
                 .boxed()
             })
             .await;
@@ -389,7 +393,10 @@ impl Gateway {
         let targets = match &admitted.decision.action {
             Action::Canned(text) => {
                 let out = canned(&admitted, text);
-                tokio::spawn(replay(self.clone(), admitted, out, events_tx));
+                tokio::spawn(
+                    replay(self.clone(), admitted, out, events_tx)
+                        .instrument(tracing::Span::current()),
+                );
                 return Ok(events_rx);
             }
             Action::Targets(targets) => targets.clone(),
@@ -402,7 +409,9 @@ impl Gateway {
             let mut out = (*hit).clone();
             out.provenance.cache_hit = true;
             out.provenance.upstream.clear();
-            tokio::spawn(replay(self.clone(), admitted, out, events_tx));
+            tokio::spawn(
+                replay(self.clone(), admitted, out, events_tx).instrument(tracing::Span::current()),
+            );
             return Ok(events_rx);
         }
         let started = match self
@@ -423,7 +432,11 @@ impl Gateway {
                 return Err(error);
             }
         };
-        tokio::spawn(pump(self.clone(), admitted, started, cache_key, events_tx));
+        // The relay stays in the request's span (and trace) after this returns.
+        tokio::spawn(
+            pump(self.clone(), admitted, started, cache_key, events_tx)
+                .instrument(tracing::Span::current()),
+        );
         Ok(events_rx)
     }
 

@@ -1,7 +1,8 @@
 //! The OpenAI-compatible HTTP API (axum): `POST /v1/chat/completions`,
 //! `POST /v1/completions`, `GET /v1/models` and the `POST /v1/batch` extension. Requests are
 //! parsed into [`GenRequest`] here (errors name the JSON path), answers rendered in OpenAI's
-//! shapes, streams as server-sent events ending in `data: [DONE]`.
+//! shapes, streams as server-sent events ending in `data: [DONE]`. Every request gets an
+//! `http.server` span and the `http_server_*` metrics ([`lmforge_telemetry::http`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -48,6 +49,12 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/batch", post(batch))
         .layer(DefaultBodyLimit::max(limit))
+        // Outermost: a server span per request (continuing the caller's `traceparent`) that
+        // the whole pipeline, upstream calls included, runs in, and request metrics.
+        .layer(axum::middleware::from_fn_with_state(
+            crate::NAME,
+            lmforge_telemetry::http::trace_http,
+        ))
         .with_state(gateway)
 }
 

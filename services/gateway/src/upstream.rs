@@ -1,10 +1,12 @@
 //! Calls to the inference service: the request conversion, and unary and streamed generation
 //! over a decision's targets in order, falling back to the next when one is overloaded
 //! (RESOURCE_EXHAUSTED), down (UNAVAILABLE) or does not serve the model (NOT_FOUND).
+//! Every call gets a `grpc.client` span under the current one and sends its `traceparent`,
+//! so inference continues the request's trace.
 
 use lmforge_proto::v1 as pb;
 use lmforge_proto::v1::inference_service_client::InferenceServiceClient;
-use tonic::transport::Channel;
+use lmforge_telemetry::propagation::{TracedChannel, traced_channel};
 
 use crate::error::GatewayError;
 use crate::types::{ChoiceOut, GenOutput, GenRequest, Input, Message, Provenance, TokenLogprob};
@@ -12,7 +14,7 @@ use crate::types::{ChoiceOut, GenOutput, GenRequest, Input, Message, Provenance,
 /// The inference service.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: InferenceServiceClient<Channel>,
+    client: InferenceServiceClient<TracedChannel>,
     address: String,
 }
 
@@ -32,13 +34,14 @@ impl Upstream {
             .tcp_nodelay(true)
             .connect_lazy();
         Self {
-            client: InferenceServiceClient::new(channel).max_decoding_message_size(64 << 20),
+            client: InferenceServiceClient::new(traced_channel(channel))
+                .max_decoding_message_size(64 << 20),
             address,
         }
     }
 
     /// The raw client (token counting, model lists).
-    pub fn client(&self) -> InferenceServiceClient<Channel> {
+    pub fn client(&self) -> InferenceServiceClient<TracedChannel> {
         self.client.clone()
     }
 

@@ -356,6 +356,34 @@ pub async fn upload(
     Ok(response?.into_inner())
 }
 
+/// Uploads `args.file` (progress bar when `show_progress`), prints the new version and its
+/// cleaning report, and returns both.
+pub async fn upload_and_report(
+    client: &mut DatasetServiceClient<Channel>,
+    args: &UploadArgs,
+    show_progress: bool,
+) -> anyhow::Result<(pb::DatasetVersion, pb::DatasetReport)> {
+    let response = upload(client, args, show_progress).await?;
+    let version = response.version.unwrap_or_default();
+    if response.reused {
+        println!(
+            "content unchanged: version {} already holds it",
+            version.version
+        );
+    }
+    print_versions(std::slice::from_ref(&version));
+    let report = client
+        .get_dataset_report(pb::GetDatasetReportRequest {
+            dataset_version: version.id.clone(),
+        })
+        .await
+        .map_err(crate::model_cmd::status_error)?
+        .into_inner();
+    println!();
+    print_report(&report);
+    Ok((version, report))
+}
+
 /// Prints datasets as a table.
 pub fn print_datasets(datasets: &[pb::Dataset]) {
     println!(
@@ -563,24 +591,7 @@ pub async fn run(args: DatasetArgs) -> anyhow::Result<()> {
     let status = crate::model_cmd::status_error;
     match args.command {
         DatasetCommand::Upload(upload_args) => {
-            let response = upload(&mut client, &upload_args, true).await?;
-            let version = response.version.unwrap_or_default();
-            if response.reused {
-                println!(
-                    "content unchanged: version {} already holds it",
-                    version.version
-                );
-            }
-            print_versions(std::slice::from_ref(&version));
-            let report = client
-                .get_dataset_report(pb::GetDatasetReportRequest {
-                    dataset_version: version.id.clone(),
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
-            println!();
-            print_report(&report);
+            upload_and_report(&mut client, &upload_args, true).await?;
         }
         DatasetCommand::List { prefix } => {
             let mut datasets = Vec::new();

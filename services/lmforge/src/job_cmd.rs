@@ -144,7 +144,8 @@ fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 
-fn state_name(state: i32) -> &'static str {
+/// The lowercase name of a job state.
+pub fn state_name(state: i32) -> &'static str {
     match pb::JobState::try_from(state).unwrap_or_default() {
         pb::JobState::Queued => "queued",
         pb::JobState::Running => "running",
@@ -237,7 +238,7 @@ fn print_job(job: &pb::Job) {
 }
 
 /// Follows a job with a progress bar; returns the job in its final state.
-async fn watch(
+pub async fn watch(
     client: &mut JobServiceClient<Channel>,
     id: &str,
     logs: bool,

@@ -12,6 +12,7 @@ pub mod bench_serve;
 pub mod dataset_cmd;
 pub mod generate_cmd;
 pub mod job_cmd;
+pub mod journey;
 pub mod key_cmd;
 pub mod model_cmd;
 pub mod probe;

@@ -23,9 +23,10 @@ struct Cli {
 enum Command {
     /// Run every service in this process, each on its own ports, until Ctrl-C / SIGTERM.
     Up(UpArgs),
-    /// Start the stack, check every service (health, reflection, admin port), print the
-    /// endpoints and stop.
-    Demo(UpArgs),
+    /// Start the stack and run the journey: upload and clean the bundled bank-adviser data,
+    /// a base model, a fine-tuning job, alias `production`, answers before and after through
+    /// the gateway; then stop (or keep running with --keep-running).
+    Demo(DemoArgs),
     /// Registered models, versions and aliases.
     Model {
         /// Address of the registry service.
@@ -153,13 +154,30 @@ struct UpArgs {
 impl UpArgs {
     fn options(&self, force_ephemeral: bool) -> StackOptions {
         StackOptions {
-            postgres: self.postgres.clone(),
-            nats: self.nats.clone(),
             ephemeral: self.ephemeral || force_ephemeral,
             schema_prefix: self.schema_prefix.clone(),
-            probe_interval: Duration::from_secs(2),
+            ..StackOptions::new(self.postgres.clone(), self.nats.clone())
         }
     }
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    up: UpArgs,
+    /// The bundled data: `chat.jsonl` and `corpus.txt`.
+    #[arg(long, default_value = "examples/bank-adviser")]
+    examples: std::path::PathBuf,
+    /// A Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json) to
+    /// fine-tune instead of a base model trained from scratch on the bundled corpus.
+    #[arg(long)]
+    base_model: Option<std::path::PathBuf>,
+    /// Fine-tuning steps.
+    #[arg(long)]
+    finetune_steps: Option<u64>,
+    /// Keep the stack running after the journey (Ctrl-C to stop) to explore it with the CLI.
+    #[arg(long)]
+    keep_running: bool,
 }
 
 fn main() -> ExitCode {
@@ -184,11 +202,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The demo prints its own progress: service logs only when something is wrong, unless
+    // LMFORGE_LOG / RUST_LOG asks for more.
+    let quiet = matches!(cli.command, Command::Demo(_))
+        && std::env::var_os("LMFORGE_LOG").is_none()
+        && std::env::var_os("RUST_LOG").is_none();
     let result = runtime.block_on(async move {
-        let telemetry = lmforge_telemetry::init("lmforge")?;
+        let mut config = lmforge_telemetry::TelemetryConfig::from_env("lmforge")?;
+        if quiet {
+            config.filter = "warn".to_owned();
+        }
+        let telemetry = lmforge_telemetry::init_with(config)?;
         let outcome = match cli.command {
             Command::Up(args) => up(args).await,
-            Command::Demo(args) => demo(args).await,
+            Command::Demo(args) => Box::pin(demo(args)).await,
             Command::Health { addrs } => health(addrs).await,
             Command::Dataset(args) => lmforge::dataset_cmd::run(args).await,
             Command::Key(args) => lmforge::key_cmd::run(args).await,
@@ -215,15 +242,19 @@ fn main() -> ExitCode {
 
 fn print_endpoints(stack: &Stack) {
     println!(
-        "{:<10} {:<22} {:<22} services",
-        "service", "grpc", "admin (http)"
+        "{:<10} {:<22} {:<28} {:<28} services",
+        "service", "grpc", "admin (/metrics, /readyz)", "http"
     );
     for service in &stack.services {
         println!(
-            "{:<10} {:<22} {:<22} {}",
+            "{:<10} {:<22} {:<28} {:<28} {}",
             service.name,
             service.grpc.to_string(),
             format!("http://{}", service.admin),
+            service
+                .http
+                .map(|h| format!("http://{h}/v1"))
+                .unwrap_or_else(|| "-".to_owned()),
             if service.services.is_empty() {
                 "(health, reflection)".to_owned()
             } else {
@@ -233,12 +264,8 @@ fn print_endpoints(stack: &Stack) {
     }
 }
 
-async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let mut stack = Stack::start(args.options(false)).await?;
-    stack.wait_healthy(args.ready_timeout).await?;
-    println!("lmforge is up:");
-    print_endpoints(&stack);
-    println!("\ntry: grpcurl -plaintext {} list", stack.services[0].grpc);
+/// Runs until Ctrl-C / SIGTERM or until a service stops by itself, then stops the stack.
+async fn serve_until_stopped(mut stack: Stack) -> anyhow::Result<()> {
     println!("Ctrl-C to stop");
     let stopped = tokio::select! {
         () = lmforge_runtime::shutdown::signal() => None,
@@ -254,19 +281,18 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn demo(args: UpArgs) -> anyhow::Result<()> {
-    println!("starting every lmforge service on ephemeral ports…");
-    let mut stack = Stack::start(args.options(true)).await?;
-    stack
-        .wait_healthy(args.ready_timeout)
-        .await
-        .context("waiting for the stack")?;
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let mut stack = Stack::start(args.options(false)).await?;
+    stack.wait_healthy(args.ready_timeout).await?;
+    println!("lmforge is up:");
     print_endpoints(&stack);
-    println!();
+    println!("\ntry: grpcurl -plaintext {} list", stack.services[0].grpc);
+    serve_until_stopped(stack).await
+}
+
+/// Checks every service: health, reflection, `/readyz` and RPC counters on `/metrics`.
+async fn check_services(stack: &Stack) -> anyhow::Result<()> {
     for service in &stack.services {
-        let status = lmforge::probe::health(service.grpc)
-            .await
-            .map_err(anyhow::Error::msg)?;
         let listed = lmforge::probe::list_services(service.grpc)
             .await
             .map_err(anyhow::Error::msg)?;
@@ -293,16 +319,76 @@ async fn demo(args: UpArgs) -> anyhow::Result<()> {
             "{} /metrics answered {metrics_code} without RPC counters",
             service.name
         );
-        println!(
-            "✔ {:<10} health {:?}, reflection lists {} services, /readyz: {}",
-            service.name,
-            status,
-            listed.len(),
-            ready_body.trim().replace('\n', ", ")
-        );
+    }
+    println!(
+        "✔ every service is SERVING, lists its API by reflection and exposes /readyz and /metrics"
+    );
+    Ok(())
+}
+
+async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    use lmforge::journey::{Endpoints, Journey, JourneyOptions};
+    let started = std::time::Instant::now();
+    anyhow::ensure!(
+        args.examples.join("chat.jsonl").is_file(),
+        "--examples: {} has no chat.jsonl (run from the repository root)",
+        args.examples.display()
+    );
+    let admin_key = std::env::var("LMFORGE_GATEWAY_ADMIN_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+        .unwrap_or_else(|| {
+            format!(
+                "lmf_demo_admin_{}_{}",
+                std::process::id(),
+                started.elapsed().as_nanos()
+            )
+        });
+    println!("starting every lmforge service (lmforge up) on ephemeral ports…");
+    let mut options = args.up.options(true);
+    options.gateway_admin_key = Some(admin_key.clone());
+    let mut stack = Stack::start(options).await?;
+    stack
+        .wait_healthy(args.up.ready_timeout)
+        .await
+        .context("waiting for the stack")?;
+    print_endpoints(&stack);
+    check_services(&stack).await?;
+
+    let mut settings = JourneyOptions::demo(args.examples.clone(), admin_key);
+    settings.base_model_dir = args.base_model.clone();
+    if let Some(steps) = args.finetune_steps {
+        settings.finetune_steps = steps;
+    }
+    let outcome = Box::pin(async {
+        let mut journey = Journey::connect(Endpoints::of(&stack)?, settings).await?;
+        Box::pin(journey.run()).await
+    })
+    .await;
+    match outcome {
+        Ok(report) => println!(
+            "\n✔ journey done in {:.0}s: {}/{} fine-tuned from {}/{} on {}/{}, now {}@production",
+            started.elapsed().as_secs_f64(),
+            report.tuned.model_name,
+            report.tuned.version,
+            report.base.model_name,
+            report.base.version,
+            report.dataset.dataset_name,
+            report.dataset.version,
+            report.tuned.model_name,
+        ),
+        Err(error) => {
+            stack.shutdown().await.ok();
+            return Err(error.context("the demo journey failed"));
+        }
+    }
+    if args.keep_running {
+        println!("\nthe stack keeps running:");
+        print_endpoints(&stack);
+        return serve_until_stopped(stack).await;
     }
     stack.shutdown().await?;
-    println!("\nevery service answered; stack stopped cleanly");
+    println!("stack stopped cleanly (run `lmforge demo --keep-running` to explore it)");
     Ok(())
 }
 

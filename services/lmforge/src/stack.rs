@@ -25,6 +25,32 @@ pub struct StackOptions {
     pub schema_prefix: Option<String>,
     /// How often dependencies are probed.
     pub probe_interval: Duration,
+    /// The gateway's bootstrap admin key; `None` keeps `LMFORGE_GATEWAY_ADMIN_KEY`.
+    pub gateway_admin_key: Option<String>,
+    /// Artifact store of ingest, registry and trainer; `None` keeps `LMFORGE_ARTIFACTS`.
+    pub artifacts: Option<String>,
+    /// Run a trainer worker in the process (false: workers run elsewhere, e.g. as
+    /// `lmforge-trainer` processes sharing the stack's NATS stream).
+    pub trainer: bool,
+    /// How long the work queue waits for a silent worker; `None` keeps `LMFORGE_JOBS_ACK_WAIT`.
+    pub jobs_ack_wait: Option<Duration>,
+}
+
+impl StackOptions {
+    /// Every service on its configured ports, schemas and settings (env vars and defaults).
+    pub fn new(postgres: PostgresArgs, nats: NatsArgs) -> Self {
+        Self {
+            postgres,
+            nats,
+            ephemeral: false,
+            schema_prefix: None,
+            probe_interval: Duration::from_secs(2),
+            gateway_admin_key: None,
+            artifacts: None,
+            trainer: true,
+            jobs_ack_wait: None,
+        }
+    }
 }
 
 /// One service of a running stack.
@@ -36,6 +62,8 @@ pub struct RunningService {
     pub grpc: SocketAddr,
     /// Its admin HTTP address.
     pub admin: SocketAddr,
+    /// Its public HTTP address (the gateway's OpenAI API), if it has one.
+    pub http: Option<SocketAddr>,
     /// The fully qualified gRPC services it serves besides health and reflection.
     pub services: Vec<&'static str>,
     task: JoinHandle<Result<(), StartupError>>,
@@ -46,6 +74,8 @@ pub struct RunningService {
 pub struct Stack {
     /// In start order: ingest, registry, jobs, trainer, inference, gateway.
     pub services: Vec<RunningService>,
+    /// The work queue's NATS subject prefix and stream (for workers started elsewhere).
+    pub jobs_queue: (String, String),
     stop_tx: watch::Sender<bool>,
 }
 
@@ -132,6 +162,7 @@ where
         name,
         grpc,
         admin,
+        http: None,
         services,
         task: tokio::spawn(serve),
     }
@@ -162,6 +193,9 @@ impl Stack {
         ingest.postgres = options.postgres.clone();
         ingest.schema = schema("ingest");
         ingest.lifecycle.probe_interval = options.probe_interval;
+        if let Some(artifacts) = &options.artifacts {
+            ingest.artifacts = artifacts.clone();
+        }
         // Ingest is bound first but launched once the registry (tokenizers) and inference
         // (rewrites) addresses it calls are known; it stays first in `services`.
         let ingest_bound = listeners(
@@ -176,6 +210,9 @@ impl Stack {
         registry.postgres = options.postgres.clone();
         registry.schema = schema("registry");
         registry.lifecycle.probe_interval = options.probe_interval;
+        if let Some(artifacts) = &options.artifacts {
+            registry.artifacts = artifacts.clone();
+        }
         let bound = listeners(
             options.ephemeral,
             registry.listen,
@@ -204,6 +241,9 @@ impl Stack {
             jobs.subject_prefix = format!("{prefix}.jobs");
             jobs.stream = format!("{}_JOBS", prefix.to_uppercase());
         }
+        if let Some(ack_wait) = options.jobs_ack_wait {
+            jobs.ack_wait = ack_wait;
+        }
         let (subject_prefix, stream) = (jobs.subject_prefix.clone(), jobs.stream.clone());
         let bound = listeners(options.ephemeral, jobs.listen, jobs.admin_listen, "jobs").await?;
         services.push(launch(
@@ -213,26 +253,32 @@ impl Stack {
             lmforge_jobs::serve(jobs, bound, shutdown()),
         ));
 
-        let mut trainer: lmforge_trainer::Config = defaults("lmforge-trainer")?;
-        trainer.nats = options.nats.clone();
-        trainer.registry_url = registry_url.clone();
-        trainer.ingest_url = endpoint(ingest_bound.grpc_addr());
-        trainer.subject_prefix = subject_prefix;
-        trainer.stream = stream;
-        trainer.lifecycle.probe_interval = options.probe_interval;
-        let bound = listeners(
-            options.ephemeral,
-            trainer.listen,
-            trainer.admin_listen,
-            "trainer",
-        )
-        .await?;
-        services.push(launch(
-            "trainer",
-            (bound.grpc_addr(), bound.admin_addr()),
-            vec![],
-            lmforge_trainer::serve(trainer, bound, shutdown()),
-        ));
+        let jobs_queue = (subject_prefix, stream);
+        if options.trainer {
+            let mut trainer: lmforge_trainer::Config = defaults("lmforge-trainer")?;
+            trainer.nats = options.nats.clone();
+            trainer.registry_url = registry_url.clone();
+            trainer.ingest_url = endpoint(ingest_bound.grpc_addr());
+            trainer.subject_prefix = jobs_queue.0.clone();
+            trainer.stream = jobs_queue.1.clone();
+            trainer.lifecycle.probe_interval = options.probe_interval;
+            if let Some(artifacts) = &options.artifacts {
+                trainer.artifacts = artifacts.clone();
+            }
+            let bound = listeners(
+                options.ephemeral,
+                trainer.listen,
+                trainer.admin_listen,
+                "trainer",
+            )
+            .await?;
+            services.push(launch(
+                "trainer",
+                (bound.grpc_addr(), bound.admin_addr()),
+                vec![],
+                lmforge_trainer::serve(trainer, bound, shutdown()),
+            ));
+        }
 
         let mut inference: lmforge_inference::Config = defaults("lmforge-inference")?;
         inference.registry_url = registry_url;
@@ -270,6 +316,17 @@ impl Stack {
         if options.ephemeral {
             gateway.http_listen = ([127, 0, 0, 1], 0).into();
         }
+        if let Some(key) = &options.gateway_admin_key {
+            gateway.admin_key = Some(key.clone());
+        }
+        let http =
+            lmforge_runtime::listeners::bind(gateway.http_listen, "LMFORGE_GATEWAY_HTTP_LISTEN")
+                .await
+                .map_err(|error| StackError::Service {
+                    service: "gateway",
+                    error,
+                })?;
+        let http_addr = lmforge_runtime::listeners::local_addr(&http);
         let bound = listeners(
             options.ephemeral,
             gateway.listen,
@@ -277,17 +334,28 @@ impl Stack {
             "gateway",
         )
         .await?;
-        services.push(launch(
+        let mut gateway_service = launch(
             "gateway",
             (bound.grpc_addr(), bound.admin_addr()),
             vec![
                 open_ai_service_server::SERVICE_NAME,
                 gateway_admin_service_server::SERVICE_NAME,
             ],
-            lmforge_gateway::serve(gateway, bound, shutdown()),
-        ));
+            lmforge_gateway::serve_with_http(gateway, bound, http, shutdown()),
+        );
+        gateway_service.http = Some(http_addr);
+        services.push(gateway_service);
 
-        Ok(Self { services, stop_tx })
+        Ok(Self {
+            services,
+            jobs_queue,
+            stop_tx,
+        })
+    }
+
+    /// The running service called `name`.
+    pub fn service(&self, name: &str) -> Option<&RunningService> {
+        self.services.iter().find(|s| s.name == name)
     }
 
     /// Waits until every service's gRPC health says SERVING, failing early when a service

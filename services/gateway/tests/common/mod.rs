@@ -91,6 +91,8 @@ pub struct MockInference {
     pub models_seen: Arc<Mutex<Vec<String>>>,
     /// The last request.
     pub last: Arc<Mutex<Option<pb::GenerateRequest>>>,
+    /// The `traceparent` metadata of each Generate + GenerateStream call, in order.
+    pub traceparents: Arc<Mutex<Vec<Option<String>>>>,
 }
 
 fn render(input: &Option<pb::generate_request::Input>) -> String {
@@ -142,6 +144,18 @@ impl MockInference {
         addr
     }
 
+    fn record_traceparent<T>(&self, request: &Request<T>) {
+        let traceparent = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        self.traceparents
+            .lock()
+            .expect("traceparents")
+            .push(traceparent);
+    }
+
     async fn prepare(&self, request: &pb::GenerateRequest) -> Result<(Vec<String>, u32), Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.models_seen
@@ -171,6 +185,7 @@ impl InferenceService for MockInference {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
+        self.record_traceparent(&request);
         let request = request.into_inner();
         let (chunks, n) = self.prepare(&request).await?;
         let text: String = chunks.concat();
@@ -203,6 +218,7 @@ impl InferenceService for MockInference {
         Response<Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>>,
         Status,
     > {
+        self.record_traceparent(&request);
         let request = request.into_inner();
         let (chunks, n) = self.prepare(&request).await?;
         let mut messages = Vec::new();

@@ -218,11 +218,10 @@ impl LocalStack {
             .map_or(0, |d| d.subsec_nanos());
         let schema_prefix = format!("bench_{}_{nanos}", std::process::id());
         let mut stack = Stack::start(StackOptions {
-            postgres: options.postgres.clone(),
-            nats: options.nats,
             ephemeral: true,
             schema_prefix: Some(schema_prefix.clone()),
             probe_interval: Duration::from_millis(500),
+            ..StackOptions::new(options.postgres.clone(), options.nats)
         })
         .await?;
         let mut local = match stack.wait_healthy(options.ready_timeout).await {
