@@ -333,3 +333,66 @@ async fn the_journey_survives_a_killed_trainer_and_is_traced_end_to_end() {
     drop_schemas(&prefix).await;
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
 }
+
+/// The other way in: a Hugging Face checkpoint directory (the committed tiny Llama fixture)
+/// imported as the base, fine-tuned by the stack's own trainer, promoted and asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_journey_fine_tunes_an_imported_hugging_face_model() {
+    let prefix = lmforge_e2e::unique_name("journey_hf");
+    let artifacts = tempfile::tempdir().expect("temp dir");
+    let admin_key = format!("lmf_admin_{prefix}");
+    let mut stack = Stack::start(StackOptions {
+        ephemeral: true,
+        schema_prefix: Some(prefix.clone()),
+        probe_interval: Duration::from_millis(200),
+        gateway_admin_key: Some(admin_key.clone()),
+        artifacts: Some(artifacts.path().display().to_string()),
+        ..StackOptions::new(
+            PostgresArgs {
+                database_url: database_url(),
+                database_max_connections: 4,
+            },
+            NatsArgs {
+                nats_url: nats_url(),
+            },
+        )
+    })
+    .await
+    .expect("every port binds");
+    stack
+        .wait_healthy(Duration::from_secs(60))
+        .await
+        .expect("every service SERVING");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut options = JourneyOptions::tiny(
+        root.join("examples/bank-adviser"),
+        admin_key,
+        "hf".to_owned(),
+    );
+    options.base_model_dir = Some(root.join("libs/model/fixtures/tiny-llama"));
+    options.finetune_steps = 6;
+    let mut journey = Journey::connect(Endpoints::of(&stack).expect("endpoints"), options)
+        .await
+        .expect("clients");
+    let report = Box::pin(journey.run()).await.expect("the journey");
+
+    assert_eq!(report.base.model_name, "hf-base");
+    let imported = report.base.lineage.clone().unwrap_or_default();
+    assert!(imported.training_job_id.is_empty(), "an import, not a job");
+    let lineage = report.tuned.lineage.clone().expect("lineage");
+    assert_eq!(
+        lineage.base_model_version.map(|b| (b.name, b.version)),
+        Some((report.base.model_name.clone(), report.base.version))
+    );
+    assert_eq!(lineage.training_job_id, report.job.id);
+    assert_eq!(report.job.attempt, 1);
+    assert_eq!(report.answers.len(), 1);
+    assert_eq!(
+        report.answers[0].before.model,
+        format!("hf-base/{}", report.base.version)
+    );
+    assert_eq!(report.answers[0].after.model, "hf-adviser@production");
+
+    stack.shutdown().await.expect("clean shutdown");
+    drop_schemas(&prefix).await;
+}

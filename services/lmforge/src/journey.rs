@@ -330,6 +330,14 @@ impl Journey {
             )
             .await?;
             println!("✔ registered {}/{}", version.model_name, version.version);
+            // Fine-tuning sequences must fit the imported model's context.
+            let context = std::fs::read_to_string(dir.join("config.json"))
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                .and_then(|config| config["max_position_embeddings"].as_u64());
+            if let Some(context) = context {
+                self.options.max_seq_len = self.options.max_seq_len.min(context as u32);
+            }
             return Ok(version);
         }
         self.header("train a small base model from scratch on the bundled corpus");
