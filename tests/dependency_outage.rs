@@ -94,6 +94,19 @@ async fn health_tracks_postgres_going_down_and_back() {
         let (code, body) = probe::admin_get(admin, "/readyz").await.expect("admin");
         assert_eq!(code, 503);
         assert!(body.starts_with("postgres: down"), "{body}");
+        // Alive all the same: a liveness probe must not restart it for its dependency.
+        let liveness = HealthClient::new(
+            tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+                .expect("valid")
+                .connect_lazy(),
+        )
+        .check(HealthCheckRequest {
+            service: lmforge_runtime::server::LIVENESS_SERVICE.to_owned(),
+        })
+        .await
+        .expect("liveness check")
+        .into_inner();
+        assert_eq!(liveness.status, ServingStatus::Serving as i32);
 
         proxy.restore();
         wait_for(ServingStatus::Serving).await;

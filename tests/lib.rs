@@ -6,6 +6,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use lmforge_runtime::args::{DEFAULT_DATABASE_URL, DEFAULT_NATS_URL};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+pub use opentelemetry_proto::tonic::trace::v1::Span;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -17,6 +25,25 @@ pub fn database_url() -> String {
 /// The NATS URL `make test` exports, or the `make services` default.
 pub fn nats_url() -> String {
     std::env::var("LMFORGE_NATS_URL").unwrap_or_else(|_| DEFAULT_NATS_URL.to_owned())
+}
+
+/// A stack for a test: every port ephemeral, every schema under `prefix`, dependencies
+/// probed every 200 ms, Postgres and NATS from the environment `make test` exports.
+pub fn stack_options(prefix: &str) -> lmforge::stack::StackOptions {
+    lmforge::stack::StackOptions {
+        ephemeral: true,
+        schema_prefix: Some(prefix.to_owned()),
+        probe_interval: std::time::Duration::from_millis(200),
+        ..lmforge::stack::StackOptions::new(
+            lmforge_runtime::args::PostgresArgs {
+                database_url: database_url(),
+                database_max_connections: 4,
+            },
+            lmforge_runtime::args::NatsArgs {
+                nats_url: nats_url(),
+            },
+        )
+    }
 }
 
 /// A name no other test (in this or a parallel process) uses: `t{pid}_{n}_{label}`, a
@@ -108,15 +135,6 @@ pub struct OtlpCollector {
     pub endpoint: String,
     spans: std::sync::Arc<std::sync::Mutex<Vec<(String, Span)>>>,
 }
-
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
-pub use opentelemetry_proto::tonic::trace::v1::Span;
 
 #[tonic::async_trait]
 impl TraceService for OtlpCollector {

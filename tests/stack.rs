@@ -5,29 +5,15 @@
 use std::time::Duration;
 
 use lmforge::probe;
-use lmforge::stack::{Stack, StackOptions};
-use lmforge_e2e::{database_url, drop_schemas, nats_url, unique_name};
-use lmforge_runtime::args::{NatsArgs, PostgresArgs};
+use lmforge::stack::Stack;
+use lmforge_e2e::{drop_schemas, stack_options, unique_name};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_serves_health_reflection_and_metrics() {
     let prefix = unique_name("stack");
-    let mut stack = Stack::start(StackOptions {
-        ephemeral: true,
-        schema_prefix: Some(prefix.clone()),
-        probe_interval: Duration::from_millis(200),
-        ..StackOptions::new(
-            PostgresArgs {
-                database_url: database_url(),
-                database_max_connections: 4,
-            },
-            NatsArgs {
-                nats_url: nats_url(),
-            },
-        )
-    })
-    .await
-    .expect("every port binds");
+    let mut stack = Stack::start(stack_options(&prefix))
+        .await
+        .expect("every port binds");
     stack
         .wait_healthy(Duration::from_secs(60))
         .await

@@ -179,6 +179,18 @@ fn deployments_are_probed_sized_and_wired() {
                     "{what}: {probe} port {port} is not a declared container port"
                 );
             }
+            // Liveness asks the always-SERVING `lmforge.liveness` (libs/runtime): the overall
+            // status follows Postgres/NATS, and an outage must not restart every replica.
+            assert_eq!(
+                str_at(container, &["livenessProbe", "grpc", "service"]),
+                Some("lmforge.liveness"),
+                "{what}: liveness must ask service lmforge.liveness"
+            );
+            assert_eq!(
+                str_at(container, &["readinessProbe", "grpc", "service"]).unwrap_or(""),
+                "",
+                "{what}: readiness asks the overall status"
+            );
             let requests = at(container, &["resources", "requests"])
                 .and_then(Value::as_mapping)
                 .unwrap_or_else(|| panic!("{what}: no resource requests"));

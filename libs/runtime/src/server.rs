@@ -30,6 +30,12 @@ pub type GrpcRouter = Router<Stack<GrpcMetricsLayer, Identity>>;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// The gRPC health service name that is SERVING for as long as the process serves, whatever
+/// its dependencies do: what a liveness probe asks (`grpc: {port, service: lmforge.liveness}`),
+/// so an outage of Postgres or NATS takes replicas out of rotation (readiness, service `""`)
+/// without restarting them all.
+pub const LIVENESS_SERVICE: &str = "lmforge.liveness";
 const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
 const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
 
@@ -138,6 +144,9 @@ impl ServiceHost {
         let admin_addr = listeners.admin_addr();
         let (stop_tx, stop_rx) = watch::channel(false);
         self.set_health(ServingStatus::NotServing).await;
+        self.reporter
+            .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+            .await;
 
         let probes = tokio::spawn(
             self.probes

@@ -13,6 +13,11 @@ use futures::StreamExt;
 use lmforge_proto::v1 as pb;
 use lmforge_proto::v1::inference_service_client::InferenceServiceClient;
 
+/// The allocator of the `lmforge-gateway` binary (src/main.rs), so the figures are the
+/// process's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const CONCURRENCY: usize = 32;
 const STREAMS_PER_CLIENT: usize = 40;
 const CHUNKS: usize = 16;

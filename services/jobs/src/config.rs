@@ -47,6 +47,11 @@ pub struct Config {
     /// A dispatched job whose worker neither acks nor heartbeats for this long is redelivered.
     #[arg(long, env = "LMFORGE_JOBS_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
     pub ack_wait: Duration,
+    /// Replicas of the work-queue stream when it is created (a clustered NATS: 3 keeps the
+    /// queue through the loss of a node; a single server takes only 1).
+    #[arg(long, env = "LMFORGE_JOBS_STREAM_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=5))]
+    pub stream_replicas: u16,
     /// Deliveries (attempts) per job before it is FAILED with MAX_ATTEMPTS_EXCEEDED.
     #[arg(long, env = "LMFORGE_JOBS_MAX_ATTEMPTS", default_value_t = 3,
           value_parser = clap::value_parser!(u32).range(1..=100))]

@@ -60,6 +60,7 @@ pub async fn serve(
         queue::QueueSettings {
             ack_wait: config.ack_wait,
             max_deliver: i64::from(config.max_attempts),
+            replicas: usize::from(config.stream_replicas),
         },
     )
     .await

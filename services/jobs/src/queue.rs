@@ -121,6 +121,8 @@ pub struct QueueSettings {
     pub ack_wait: Duration,
     /// Deliveries per message (= attempts per job); then the job is FAILED.
     pub max_deliver: i64,
+    /// Stream replicas, applied when the stream is created.
+    pub replicas: usize,
 }
 
 /// Creates (or opens) the stream and its consumers. Idempotent; both the jobs service and
@@ -136,6 +138,7 @@ pub async fn ensure(
             subjects: vec![format!("{}.queue.>", names.prefix)],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
+            num_replicas: settings.replicas,
             ..Default::default()
         })
         .await

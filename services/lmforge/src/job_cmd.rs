@@ -477,9 +477,13 @@ pub fn spec_from_json(text: &str) -> anyhow::Result<pb::JobSpec> {
         }),
         _ => pb::job_spec::Method::Full(pb::FullFineTune::default()),
     };
+    let base = match v["from_scratch"].as_object() {
+        Some(_) => pb::job_spec::Base::FromScratch(from_scratch_json(&v["from_scratch"])),
+        None => pb::job_spec::Base::BaseModel(s("base_model")),
+    };
     Ok(pb::JobSpec {
         client_request_id: s("client_request_id"),
-        base: Some(pb::job_spec::Base::BaseModel(s("base_model"))),
+        base: Some(base),
         dataset_version: s("dataset_version"),
         method: Some(method),
         hyperparameters: Some(pb::Hyperparameters {
@@ -491,6 +495,9 @@ pub fn spec_from_json(text: &str) -> anyhow::Result<pb::JobSpec> {
             weight_decay: f64_of("weight_decay"),
             max_grad_norm: f64_of("max_grad_norm"),
             seed: h["seed"].as_u64(),
+            warmup: f64_of("warmup_ratio")
+                .map(pb::hyperparameters::Warmup::WarmupRatio)
+                .or(u32_of("warmup_steps").map(pb::hyperparameters::Warmup::WarmupSteps)),
             eval_every_steps: u32_of("eval_every_steps").unwrap_or(0),
             checkpoint_every_steps: u32_of("checkpoint_every_steps").unwrap_or(0),
             ..Default::default()
@@ -501,4 +508,75 @@ pub fn spec_from_json(text: &str) -> anyhow::Result<pb::JobSpec> {
         priority: v["priority"].as_i64().unwrap_or(0) as i32,
         ..Default::default()
     })
+}
+
+/// `"from_scratch": {"architecture": {…ArchitectureConfig fields…}, "tokenizer": {"train":
+/// {"vocab_size", "min_frequency"}} | {"from_model": "name@alias"}}`.
+fn from_scratch_json(v: &serde_json::Value) -> pb::FromScratch {
+    let a = &v["architecture"];
+    let n = |k: &str| a[k].as_u64().unwrap_or(0) as u32;
+    let t = &v["tokenizer"];
+    let source = match t["from_model"].as_str() {
+        Some(model) => pb::tokenizer_spec::Source::FromModel(model.to_owned()),
+        None => pb::tokenizer_spec::Source::Train(pb::TokenizerTraining {
+            vocab_size: t["train"]["vocab_size"].as_u64().map(|x| x as u32),
+            min_frequency: t["train"]["min_frequency"].as_u64().map(|x| x as u32),
+            ..Default::default()
+        }),
+    };
+    pb::FromScratch {
+        architecture: Some(pb::ArchitectureConfig {
+            architecture: a["architecture"].as_str().unwrap_or("llama").to_owned(),
+            vocab_size: n("vocab_size"),
+            hidden_size: n("hidden_size"),
+            intermediate_size: n("intermediate_size"),
+            num_hidden_layers: n("num_hidden_layers"),
+            num_attention_heads: n("num_attention_heads"),
+            num_key_value_heads: n("num_key_value_heads"),
+            max_position_embeddings: n("max_position_embeddings"),
+            ..Default::default()
+        }),
+        tokenizer: Some(pb::TokenizerSpec {
+            source: Some(source),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The from-scratch spec the README's by-hand journey submits is the demo's.
+    #[test]
+    fn the_bundled_scratch_spec_reads_as_a_from_scratch_job() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../examples/bank-adviser/scratch.json"
+        );
+        let spec = spec_from_json(&std::fs::read_to_string(path).expect("bundled")).expect("spec");
+        let Some(pb::job_spec::Base::FromScratch(scratch)) = spec.base else {
+            panic!("not from scratch: {:?}", spec.base);
+        };
+        let arch = scratch.architecture.expect("architecture");
+        assert_eq!(arch.architecture, "qwen2");
+        assert_eq!((arch.hidden_size, arch.num_hidden_layers), (128, 4));
+        assert!(matches!(
+            scratch.tokenizer.and_then(|t| t.source),
+            Some(pb::tokenizer_spec::Source::Train(pb::TokenizerTraining {
+                vocab_size: Some(1024),
+                ..
+            }))
+        ));
+        assert_eq!(spec.dataset_version, "bank-corpus@latest");
+        assert_eq!(spec.output_model_name, "bank-base");
+        let h = spec.hyperparameters.expect("hyperparameters");
+        assert_eq!(
+            h.training_length,
+            Some(pb::hyperparameters::TrainingLength::MaxSteps(150))
+        );
+        assert_eq!(
+            h.warmup,
+            Some(pb::hyperparameters::Warmup::WarmupRatio(0.1))
+        );
+    }
 }

@@ -115,6 +115,8 @@ pub struct JourneyOptions {
     pub progress: bool,
     /// The gateway's bootstrap admin key (creates the journey's API key).
     pub admin_key: String,
+    /// How long a training job may take before the journey gives up on it.
+    pub job_timeout: Duration,
 }
 
 impl JourneyOptions {
@@ -146,6 +148,7 @@ impl JourneyOptions {
             max_tokens: 48,
             progress: true,
             admin_key,
+            job_timeout: Duration::from_secs(30 * 60),
         }
     }
 
@@ -168,6 +171,7 @@ impl JourneyOptions {
             questions: vec!["银行卡丢了怎么办？".to_owned()],
             max_tokens: 8,
             progress: false,
+            job_timeout: Duration::from_secs(3 * 60),
             ..Self::demo(examples, admin_key)
         }
     }
@@ -222,6 +226,7 @@ pub struct Journey {
     inference: InferenceServiceClient<Channel>,
     http: reqwest::Client,
     step: usize,
+    api_key: Option<String>,
 }
 
 const STEPS: usize = 7;
@@ -249,6 +254,7 @@ impl Journey {
             endpoints,
             options,
             step: 0,
+            api_key: None,
         })
     }
 
@@ -454,11 +460,22 @@ impl Journey {
     /// drawing); fails unless it succeeded.
     pub async fn follow(&mut self, job_id: &str) -> anyhow::Result<pb::Job> {
         let started = Instant::now();
-        let job = if self.options.progress {
-            crate::job_cmd::watch(&mut self.jobs, job_id, false).await?
+        let timeout = self.options.job_timeout;
+        let followed = if self.options.progress {
+            tokio::time::timeout(
+                timeout,
+                crate::job_cmd::watch(&mut self.jobs, job_id, false),
+            )
+            .await
         } else {
-            self.wait_quietly(job_id).await?
+            tokio::time::timeout(timeout, self.wait_quietly(job_id)).await
         };
+        let job = followed.map_err(|_| {
+            anyhow::anyhow!(
+                "job {job_id} did not finish within {}s (is a trainer running? `lmforge job get {job_id}`)",
+                timeout.as_secs()
+            )
+        })??;
         if job.state != pb::JobState::Succeeded as i32 {
             let failure = job.failure.clone().unwrap_or_default();
             anyhow::bail!(
@@ -501,6 +518,41 @@ impl Journey {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// The secret of the API key the journey made (after [`Journey::compare`]).
+    pub fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref()
+    }
+
+    /// Cancels the jobs an interrupted earlier run left queued or running, so that this run's
+    /// jobs do not wait behind them; returns how many.
+    pub async fn cancel_leftovers(&mut self) -> anyhow::Result<usize> {
+        let mut cancelled = 0;
+        for state in [pb::JobState::Queued, pb::JobState::Running] {
+            let jobs = self
+                .jobs
+                .list_jobs(pb::ListJobsRequest {
+                    page_size: 1000,
+                    states: vec![state as i32],
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .jobs;
+            for job in jobs {
+                self.jobs
+                    .cancel_job(pb::CancelJobRequest {
+                        id: job.id.clone(),
+                        reason: "left over from an interrupted lmforge demo".to_owned(),
+                    })
+                    .await
+                    .map_err(status_error)?;
+                cancelled += 1;
+            }
+        }
+        Ok(cancelled)
     }
 
     /// The current job (for tests that act while it runs).
@@ -604,6 +656,7 @@ impl Journey {
             self.endpoints.gateway_http,
             key.key.as_ref().map(|k| k.id.as_str()).unwrap_or("-")
         );
+        self.api_key = Some(key.secret.clone());
         let mut answers = Vec::new();
         for question in self.options.questions.clone() {
             let before = self.ask(&key.secret, &before, &question).await?;
@@ -641,8 +694,10 @@ impl Journey {
             .await
             .context("calling the gateway")?;
         let status = response.status();
-        let body: serde_json::Value = response.json().await.context("the gateway's answer")?;
+        let body = response.text().await.context("the gateway's answer")?;
         anyhow::ensure!(status.is_success(), "the gateway answered {status}: {body}");
+        let body: serde_json::Value =
+            serde_json::from_str(&body).context("the gateway's answer is not JSON")?;
         let text = body["choices"][0]["message"]["content"]
             .as_str()
             .context("no choices[0].message.content in the gateway's answer")?
@@ -687,15 +742,18 @@ fn one_line(text: &str) -> String {
     }
 }
 
-/// `n` random bytes as hex (trace and span ids; never all zero).
-fn random_hex(n: usize) -> String {
+/// `n` unpredictable bytes as hex (trace and span ids, demo keys; never all zero): a
+/// SHA-256 of the clock, the process id, a counter and the address of a fresh allocation.
+pub fn random_hex(n: usize) -> String {
     use sha2::Digest;
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let fresh = Box::new(0u8);
     let seed = format!(
-        "{:?}{}{}",
+        "{:?}{}{}{:p}",
         Instant::now(),
         std::process::id(),
-        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        &*fresh
     );
     let digest = sha2::Sha256::digest(format!("{seed}{:?}", std::time::SystemTime::now()));
     let mut bytes = digest[..n].to_vec();

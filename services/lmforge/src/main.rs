@@ -327,7 +327,7 @@ async fn check_services(stack: &Stack) -> anyhow::Result<()> {
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    use lmforge::journey::{Endpoints, Journey, JourneyOptions};
+    use lmforge::journey::{Endpoints, Journey, JourneyOptions, random_hex};
     let started = std::time::Instant::now();
     anyhow::ensure!(
         args.examples.join("chat.jsonl").is_file(),
@@ -337,54 +337,61 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let admin_key = std::env::var("LMFORGE_GATEWAY_ADMIN_KEY")
         .ok()
         .filter(|k| !k.is_empty())
-        .unwrap_or_else(|| {
-            format!(
-                "lmf_demo_admin_{}_{}",
-                std::process::id(),
-                started.elapsed().as_nanos()
-            )
-        });
-    println!("starting every lmforge service (lmforge up) on ephemeral ports…");
+        .unwrap_or_else(|| format!("lmf_admin_{}", random_hex(20)));
     let mut options = args.up.options(true);
+    // The demo's own schemas and work queue, apart from what `lmforge up` serves.
+    let prefix = options
+        .schema_prefix
+        .get_or_insert_with(|| "demo".to_owned());
+    println!("starting every lmforge service (lmforge up, schemas {prefix}_*) on ephemeral ports…");
     options.gateway_admin_key = Some(admin_key.clone());
     let mut stack = Stack::start(options).await?;
-    stack
-        .wait_healthy(args.up.ready_timeout)
-        .await
-        .context("waiting for the stack")?;
-    print_endpoints(&stack);
-    check_services(&stack).await?;
-
-    let mut settings = JourneyOptions::demo(args.examples.clone(), admin_key);
-    settings.base_model_dir = args.base_model.clone();
-    if let Some(steps) = args.finetune_steps {
-        settings.finetune_steps = steps;
-    }
     let outcome = Box::pin(async {
+        stack
+            .wait_healthy(args.up.ready_timeout)
+            .await
+            .context("waiting for the stack")?;
+        print_endpoints(&stack);
+        check_services(&stack).await?;
+        let mut settings = JourneyOptions::demo(args.examples.clone(), admin_key.clone());
+        settings.base_model_dir = args.base_model.clone();
+        if let Some(steps) = args.finetune_steps {
+            settings.finetune_steps = steps;
+        }
         let mut journey = Journey::connect(Endpoints::of(&stack)?, settings).await?;
-        Box::pin(journey.run()).await
+        let leftovers = journey.cancel_leftovers().await?;
+        if leftovers > 0 {
+            println!("cancelled {leftovers} job(s) left over from an interrupted demo");
+        }
+        let report = Box::pin(journey.run()).await?;
+        anyhow::Ok((report, journey.api_key().map(str::to_owned)))
     })
     .await;
-    match outcome {
-        Ok(report) => println!(
-            "\n✔ journey done in {:.0}s: {}/{} fine-tuned from {}/{} on {}/{}, now {}@production",
-            started.elapsed().as_secs_f64(),
-            report.tuned.model_name,
-            report.tuned.version,
-            report.base.model_name,
-            report.base.version,
-            report.dataset.dataset_name,
-            report.dataset.version,
-            report.tuned.model_name,
-        ),
+    let (report, api_key) = match outcome {
+        Ok(done) => done,
         Err(error) => {
             stack.shutdown().await.ok();
-            return Err(error.context("the demo journey failed"));
+            return Err(error.context("the demo failed"));
         }
-    }
+    };
+    println!(
+        "\n✔ journey done in {:.0}s: {}/{} fine-tuned from {}/{} on {}/{}, now {}@production",
+        started.elapsed().as_secs_f64(),
+        report.tuned.model_name,
+        report.tuned.version,
+        report.base.model_name,
+        report.base.version,
+        report.dataset.dataset_name,
+        report.dataset.version,
+        report.tuned.model_name,
+    );
     if args.keep_running {
         println!("\nthe stack keeps running:");
         print_endpoints(&stack);
+        println!("gateway admin key: {admin_key}");
+        if let Some(key) = api_key {
+            println!("API key (Authorization: Bearer …): {key}");
+        }
         return serve_until_stopped(stack).await;
     }
     stack.shutdown().await?;

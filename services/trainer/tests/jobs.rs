@@ -671,3 +671,41 @@ async fn higher_priority_jobs_run_first() {
     );
     stack.stop().await;
 }
+
+/// `--stream-replicas` reaches JetStream: a replicated work queue is refused by the
+/// single-server NATS of the tests, and the jobs service says so at start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_replicas_reach_jetstream() {
+    use clap::Parser;
+    let base = common::unique("jobs_replicas");
+    let mut config =
+        lmforge_jobs::Config::try_parse_from(["lmforge-jobs", "--stream-replicas", "3"])
+            .expect("flags");
+    config.postgres.database_url = common::database_url();
+    config.nats.nats_url = common::nats_url();
+    config.schema = format!("{base}_jobs");
+    config.subject_prefix = format!("{base}.jobs");
+    config.stream = base.to_uppercase();
+    let listeners = lmforge_runtime::Listeners::ephemeral().await.expect("bind");
+    let served = tokio::time::timeout(
+        Duration::from_secs(30),
+        lmforge_jobs::serve(config, listeners, std::future::pending()),
+    )
+    .await
+    .expect("start-up fails rather than serving");
+    let error = served.expect_err("a single NATS server cannot hold 3 replicas");
+    let message = error.to_string();
+    assert!(
+        message.contains("work queue") && message.to_lowercase().contains("replica"),
+        "{message}"
+    );
+    assert!(
+        lmforge_jobs::Config::try_parse_from(["lmforge-jobs", "--stream-replicas", "0"]).is_err(),
+        "0 replicas is refused"
+    );
+    if let Ok(pool) = sqlx::PgPool::connect(&common::database_url()).await {
+        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{base}_jobs\" CASCADE"))
+            .execute(&pool)
+            .await;
+    }
+}
