@@ -17,6 +17,11 @@ use lmforge_ingest::minhash::splitmix64;
 use lmforge_ingest::parse::{Format, ParseOptions};
 use lmforge_ingest::pipeline::{self, PipelineSettings, SplitSettings, Stage1};
 
+/// The allocator of the `lmforge-ingest` binary (src/main.rs), so the figures are the
+/// process's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ZH_Q: [&str; 8] = [
     "请问孩子发烧怎么办",
     "快递什么时候到",

@@ -452,37 +452,57 @@ impl<'a> Stage1<'a> {
 }
 
 /// Reads `input` (UTF-8) with `sink` getting units in batches; returns input lines.
-pub fn for_each_batch<R: BufRead>(
+///
+/// Reading and splitting units runs on its own thread, a couple of batches ahead of `sink`,
+/// so the sequential read overlaps the parallel work on the previous batch instead of
+/// leaving a core idle between batches (`make bench`: ingest benchmark).
+pub fn for_each_batch<R: BufRead + Send>(
     input: R,
     settings: &PipelineSettings,
     mut sink: impl FnMut(Vec<Unit>) -> std::io::Result<()>,
 ) -> Result<u64, PipelineError> {
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut failure: Option<std::io::Error> = None;
-    let lines = parse::read_units(
-        input,
-        settings.format,
-        &settings.parse,
-        &settings.source_name,
-        &mut |unit| {
-            if failure.is_some() {
-                return;
+    let (batches_tx, batches_rx) = std::sync::mpsc::sync_channel::<Vec<Unit>>(2);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || {
+            let mut batch = Vec::with_capacity(BATCH);
+            let mut receiver_gone = false;
+            let lines = parse::read_units(
+                input,
+                settings.format,
+                &settings.parse,
+                &settings.source_name,
+                &mut |unit| {
+                    if receiver_gone {
+                        return;
+                    }
+                    batch.push(unit);
+                    if batch.len() >= BATCH {
+                        let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                        receiver_gone = batches_tx.send(full).is_err();
+                    }
+                },
+            );
+            if !batch.is_empty() && !receiver_gone {
+                let _ = batches_tx.send(batch);
             }
-            batch.push(unit);
-            if batch.len() >= BATCH
-                && let Err(e) = sink(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
-            {
+            lines
+        });
+        // The sink stops at its first error; dropping the receiver then stops the reader.
+        let mut failure: Option<std::io::Error> = None;
+        for batch in batches_rx {
+            if let Err(e) = sink(batch) {
                 failure = Some(e);
+                break;
             }
-        },
-    )?;
-    if let Some(e) = failure {
-        return Err(e.into());
-    }
-    if !batch.is_empty() {
-        sink(batch)?;
-    }
-    Ok(lines)
+        }
+        let lines = reader
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(lines),
+        }
+    })
 }
 
 fn length_of(record: &Record, tokens: Option<usize>) -> u64 {
