@@ -292,6 +292,206 @@ fn completion(out: &GenOutput, model: &str) -> pb::Completion {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// What the chat and the completion streams do differently: their chunk and choice messages.
+trait ChunkShape: Send + 'static {
+    type Chunk: Send + 'static;
+    type Choice;
+    /// The choices of the first chunk.
+    fn start(&self) -> Vec<Self::Choice>;
+    /// A choice carrying text.
+    fn delta(&self, index: u32, text: String, logprobs: Option<&[TokenLogprob]>) -> Self::Choice;
+    /// A choice's last message.
+    fn finish(&self, index: u32, finish_reason: String) -> Self::Choice;
+    /// Whether the closing chunk (usage, metadata) is sent when usage was not asked for and
+    /// nothing was filtered.
+    const ALWAYS_CLOSE: bool;
+    fn chunk(
+        &self,
+        choices: Vec<Self::Choice>,
+        usage: Option<pb::CompletionUsage>,
+        lmforge: Option<pb::GatewayResponseMetadata>,
+        fingerprint: &str,
+    ) -> Self::Chunk;
+}
+
+/// The gateway's stream events as chunks of `shape`.
+fn chunk_stream<S: ChunkShape>(
+    events: crate::gateway::EventStream,
+    shape: S,
+    include_usage: bool,
+) -> BoxStream<S::Chunk> {
+    let mut fingerprint = String::new();
+    let stream = tokio_stream::wrappers::ReceiverStream::new(events).filter_map(move |event| {
+        let item = match event {
+            StreamEvent::Start(p) => {
+                fingerprint = p.fingerprint();
+                Some(Ok(shape.chunk(
+                    shape.start(),
+                    None,
+                    Some(meta(&p)),
+                    &fingerprint,
+                )))
+            }
+            StreamEvent::Delta {
+                index,
+                text,
+                logprobs,
+            } => Some(Ok(shape.chunk(
+                vec![shape.delta(index, text, logprobs.as_deref())],
+                None,
+                None,
+                &fingerprint,
+            ))),
+            StreamEvent::Finish {
+                index,
+                finish_reason,
+            } => Some(Ok(shape.chunk(
+                vec![shape.finish(index, finish_reason)],
+                None,
+                None,
+                &fingerprint,
+            ))),
+            StreamEvent::Error(error) => Some(Err(Status::from(error))),
+            StreamEvent::End {
+                prompt_tokens,
+                completion_tokens,
+                provenance,
+            } => (S::ALWAYS_CLOSE || include_usage || provenance.filtered).then(|| {
+                Ok(shape.chunk(
+                    Vec::new(),
+                    include_usage.then(|| usage(prompt_tokens, completion_tokens)),
+                    Some(meta(&provenance)),
+                    &fingerprint,
+                ))
+            }),
+        };
+        futures::future::ready(item)
+    });
+    Box::pin(stream)
+}
+
+/// `chat.completion.chunk`s: the first opens every choice with the assistant role.
+struct ChatChunks {
+    id: String,
+    created: i64,
+    model: String,
+    n: u32,
+}
+
+impl ChunkShape for ChatChunks {
+    type Chunk = pb::ChatCompletionChunk;
+    type Choice = pb::ChatCompletionChunkChoice;
+    const ALWAYS_CLOSE: bool = false;
+
+    fn start(&self) -> Vec<Self::Choice> {
+        (0..self.n)
+            .map(|index| pb::ChatCompletionChunkChoice {
+                index,
+                delta: Some(pb::ChatCompletionDelta {
+                    role: Some("assistant".into()),
+                    content: Some(String::new()),
+                }),
+                finish_reason: None,
+                logprobs: None,
+            })
+            .collect()
+    }
+
+    fn delta(&self, index: u32, text: String, logprobs: Option<&[TokenLogprob]>) -> Self::Choice {
+        pb::ChatCompletionChunkChoice {
+            index,
+            delta: Some(pb::ChatCompletionDelta {
+                role: None,
+                content: Some(text),
+            }),
+            finish_reason: None,
+            logprobs: logprobs.map(chat_logprobs),
+        }
+    }
+
+    fn finish(&self, index: u32, finish_reason: String) -> Self::Choice {
+        pb::ChatCompletionChunkChoice {
+            index,
+            delta: Some(pb::ChatCompletionDelta::default()),
+            finish_reason: Some(finish_reason),
+            logprobs: None,
+        }
+    }
+
+    fn chunk(
+        &self,
+        choices: Vec<Self::Choice>,
+        usage: Option<pb::CompletionUsage>,
+        lmforge: Option<pb::GatewayResponseMetadata>,
+        fingerprint: &str,
+    ) -> Self::Chunk {
+        pb::ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+            system_fingerprint: fingerprint.to_owned(),
+            lmforge,
+        }
+    }
+}
+
+/// `text_completion` chunks; the closing one always carries the gateway's metadata.
+struct CompletionChunks {
+    id: String,
+    created: i64,
+    model: String,
+}
+
+impl ChunkShape for CompletionChunks {
+    type Chunk = pb::Completion;
+    type Choice = pb::CompletionChoice;
+    const ALWAYS_CLOSE: bool = true;
+
+    fn start(&self) -> Vec<Self::Choice> {
+        Vec::new()
+    }
+
+    fn delta(&self, index: u32, text: String, logprobs: Option<&[TokenLogprob]>) -> Self::Choice {
+        pb::CompletionChoice {
+            index,
+            text,
+            finish_reason: String::new(),
+            logprobs: logprobs.map(legacy_logprobs),
+        }
+    }
+
+    fn finish(&self, index: u32, finish_reason: String) -> Self::Choice {
+        pb::CompletionChoice {
+            index,
+            text: String::new(),
+            finish_reason,
+            logprobs: None,
+        }
+    }
+
+    fn chunk(
+        &self,
+        choices: Vec<Self::Choice>,
+        usage: Option<pb::CompletionUsage>,
+        lmforge: Option<pb::GatewayResponseMetadata>,
+        fingerprint: &str,
+    ) -> Self::Chunk {
+        pb::Completion {
+            id: self.id.clone(),
+            object: "text_completion".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+            system_fingerprint: fingerprint.to_owned(),
+            lmforge,
+        }
+    }
+}
+
 impl OpenAiApi {
     async fn events(
         &self,
@@ -324,84 +524,14 @@ impl OpenAiService for OpenAiApi {
         let g = chat_request(request.into_inner())?;
         let (model, n, include_usage) = (g.model.clone(), g.n, g.include_usage);
         let events = self.events(header, g).await?;
-        let (id, created) = (new_id("chatcmpl-"), unix_now());
-        let mut fingerprint = String::new();
-        let stream = tokio_stream::wrappers::ReceiverStream::new(events).filter_map(move |event| {
-            let chunk = |choices, usage, lmforge, fingerprint: &str| pb::ChatCompletionChunk {
-                id: id.clone(),
-                object: "chat.completion.chunk".into(),
-                created,
-                model: model.clone(),
-                choices,
-                usage,
-                system_fingerprint: fingerprint.to_owned(),
-                lmforge,
-            };
-            let item = match event {
-                StreamEvent::Start(p) => {
-                    fingerprint = p.fingerprint();
-                    let choices = (0..n)
-                        .map(|index| pb::ChatCompletionChunkChoice {
-                            index,
-                            delta: Some(pb::ChatCompletionDelta {
-                                role: Some("assistant".into()),
-                                content: Some(String::new()),
-                            }),
-                            finish_reason: None,
-                            logprobs: None,
-                        })
-                        .collect();
-                    Some(Ok(chunk(choices, None, Some(meta(&p)), &fingerprint)))
-                }
-                StreamEvent::Delta {
-                    index,
-                    text,
-                    logprobs,
-                } => Some(Ok(chunk(
-                    vec![pb::ChatCompletionChunkChoice {
-                        index,
-                        delta: Some(pb::ChatCompletionDelta {
-                            role: None,
-                            content: Some(text),
-                        }),
-                        finish_reason: None,
-                        logprobs: logprobs.as_deref().map(chat_logprobs),
-                    }],
-                    None,
-                    None,
-                    &fingerprint,
-                ))),
-                StreamEvent::Finish {
-                    index,
-                    finish_reason,
-                } => Some(Ok(chunk(
-                    vec![pb::ChatCompletionChunkChoice {
-                        index,
-                        delta: Some(pb::ChatCompletionDelta::default()),
-                        finish_reason: Some(finish_reason),
-                        logprobs: None,
-                    }],
-                    None,
-                    None,
-                    &fingerprint,
-                ))),
-                StreamEvent::Error(error) => Some(Err(Status::from(error))),
-                StreamEvent::End {
-                    prompt_tokens,
-                    completion_tokens,
-                    provenance,
-                } => (include_usage || provenance.filtered).then(|| {
-                    Ok(chunk(
-                        Vec::new(),
-                        include_usage.then(|| usage(prompt_tokens, completion_tokens)),
-                        Some(meta(&provenance)),
-                        &fingerprint,
-                    ))
-                }),
-            };
-            futures::future::ready(item)
-        });
-        Ok(Response::new(Box::pin(stream)))
+        let shape = ChatChunks {
+            id: new_id("chatcmpl-"),
+            created: unix_now(),
+            model,
+            n,
+        };
+        let stream = chunk_stream(events, shape, include_usage);
+        Ok(Response::new(stream))
     }
 
     async fn create_completion(
@@ -423,69 +553,13 @@ impl OpenAiService for OpenAiApi {
         let g = completion_request(request.into_inner())?;
         let (model, include_usage) = (g.model.clone(), g.include_usage);
         let events = self.events(header, g).await?;
-        let (id, created) = (new_id("cmpl-"), unix_now());
-        let mut fingerprint = String::new();
-        let stream = tokio_stream::wrappers::ReceiverStream::new(events).filter_map(move |event| {
-            let chunk = |choices, usage, lmforge, fingerprint: &str| pb::Completion {
-                id: id.clone(),
-                object: "text_completion".into(),
-                created,
-                model: model.clone(),
-                choices,
-                usage,
-                system_fingerprint: fingerprint.to_owned(),
-                lmforge,
-            };
-            let choice = |index, text, finish_reason, logprobs| pb::CompletionChoice {
-                index,
-                text,
-                finish_reason,
-                logprobs,
-            };
-            let item = match event {
-                StreamEvent::Start(p) => {
-                    fingerprint = p.fingerprint();
-                    Some(Ok(chunk(Vec::new(), None, Some(meta(&p)), &fingerprint)))
-                }
-                StreamEvent::Delta {
-                    index,
-                    text,
-                    logprobs,
-                } => Some(Ok(chunk(
-                    vec![choice(
-                        index,
-                        text,
-                        String::new(),
-                        logprobs.as_deref().map(legacy_logprobs),
-                    )],
-                    None,
-                    None,
-                    &fingerprint,
-                ))),
-                StreamEvent::Finish {
-                    index,
-                    finish_reason,
-                } => Some(Ok(chunk(
-                    vec![choice(index, String::new(), finish_reason, None)],
-                    None,
-                    None,
-                    &fingerprint,
-                ))),
-                StreamEvent::Error(error) => Some(Err(Status::from(error))),
-                StreamEvent::End {
-                    prompt_tokens,
-                    completion_tokens,
-                    provenance,
-                } => Some(Ok(chunk(
-                    Vec::new(),
-                    include_usage.then(|| usage(prompt_tokens, completion_tokens)),
-                    Some(meta(&provenance)),
-                    &fingerprint,
-                ))),
-            };
-            futures::future::ready(item)
-        });
-        Ok(Response::new(Box::pin(stream)))
+        let shape = CompletionChunks {
+            id: new_id("cmpl-"),
+            created: unix_now(),
+            model,
+        };
+        let stream = chunk_stream(events, shape, include_usage);
+        Ok(Response::new(stream))
     }
 
     async fn list_models(

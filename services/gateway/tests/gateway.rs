@@ -252,6 +252,44 @@ async fn chat_completions_auth_and_limits() {
     }
     assert_eq!(texts, ["hello there".to_owned(), "hello there".to_owned()]);
     assert_eq!(usage.map(|u| u.prompt_tokens), Some(5));
+
+    // The legacy completion stream: text chunks, a finish reason, and a closing chunk with
+    // the gateway's metadata even without usage.
+    let mut request = tonic::Request::new(pb::CompletionRequest {
+        model: "tiny".into(),
+        prompt: "hi".into(),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("ascii"),
+    );
+    let chunks: Vec<pb::Completion> = futures::StreamExt::collect::<Vec<_>>(
+        openai
+            .stream_completion(request)
+            .await
+            .expect("grpc completion stream")
+            .into_inner(),
+    )
+    .await
+    .into_iter()
+    .map(|c| c.expect("chunk"))
+    .collect();
+    assert!(chunks.iter().all(|c| c.object == "text_completion"));
+    let text: String = chunks
+        .iter()
+        .flat_map(|c| c.choices.iter().map(|ch| ch.text.as_str()))
+        .collect();
+    assert_eq!(text, "hello there");
+    assert!(
+        chunks
+            .iter()
+            .flat_map(|c| &c.choices)
+            .any(|ch| !ch.finish_reason.is_empty()),
+        "a finish reason"
+    );
+    let last = chunks.last().expect("chunks");
+    assert!(last.choices.is_empty() && last.lmforge.is_some() && last.usage.is_none());
     let status = openai
         .create_chat_completion(pb::ChatCompletionRequest {
             model: "tiny".into(),
