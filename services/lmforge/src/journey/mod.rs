@@ -8,9 +8,11 @@
 //!
 //! Each step is a method of [`Journey`], so a test can act between steps (kill a trainer
 //! while the fine-tuning job runs); [`Journey::run`] chains them for the demo.
+//!
+//! - [`settings`]: where the services are and how big the run is (demo and test presets).
+//! - [`answers`]: step 6 and 7, the questions through the gateway and where to look.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -23,181 +25,12 @@ use lmforge_proto::v1::registry_service_client::RegistryServiceClient;
 use tonic::transport::Channel;
 
 use crate::model_cmd::status_error;
-use crate::stack::Stack;
 
-/// Where the journey finds the services.
-#[derive(Debug, Clone)]
-pub struct Endpoints {
-    /// Ingest gRPC.
-    pub ingest: SocketAddr,
-    /// Jobs gRPC.
-    pub jobs: SocketAddr,
-    /// Registry gRPC.
-    pub registry: SocketAddr,
-    /// Inference gRPC.
-    pub inference: SocketAddr,
-    /// Gateway gRPC (admin API: API keys).
-    pub gateway: SocketAddr,
-    /// Gateway OpenAI-compatible HTTP.
-    pub gateway_http: SocketAddr,
-    /// Every service's admin HTTP address (`/metrics`), by name.
-    pub admin: Vec<(&'static str, SocketAddr)>,
-}
+mod answers;
+mod settings;
 
-impl Endpoints {
-    /// The endpoints of a running stack.
-    pub fn of(stack: &Stack) -> anyhow::Result<Self> {
-        let grpc = |name: &str| {
-            stack
-                .service(name)
-                .map(|s| s.grpc)
-                .with_context(|| format!("the stack has no {name} service"))
-        };
-        Ok(Self {
-            ingest: grpc("ingest")?,
-            jobs: grpc("jobs")?,
-            registry: grpc("registry")?,
-            inference: grpc("inference")?,
-            gateway: grpc("gateway")?,
-            gateway_http: stack
-                .service("gateway")
-                .and_then(|s| s.http)
-                .context("the gateway has no HTTP address")?,
-            admin: stack.services.iter().map(|s| (s.name, s.admin)).collect(),
-        })
-    }
-}
-
-/// The architecture and length of the from-scratch base model.
-#[derive(Debug, Clone)]
-pub struct ScratchModel {
-    /// Hidden size.
-    pub hidden_size: u32,
-    /// MLP size.
-    pub intermediate_size: u32,
-    /// Decoder layers.
-    pub layers: u32,
-    /// Attention heads.
-    pub heads: u32,
-    /// Key/value heads (grouped-query attention when fewer than `heads`).
-    pub kv_heads: u32,
-    /// BPE vocabulary size to train.
-    pub vocab_size: u32,
-    /// Optimizer steps of pretraining.
-    pub steps: u64,
-}
-
-/// How big and how long the journey is.
-#[derive(Debug, Clone)]
-pub struct JourneyOptions {
-    /// The directory with `chat.jsonl` and `corpus.txt` (`examples/bank-adviser`).
-    pub examples: PathBuf,
-    /// A Hugging Face checkpoint directory to import as the base instead of training one.
-    pub base_model_dir: Option<PathBuf>,
-    /// The from-scratch base model (when no directory is given).
-    pub scratch: ScratchModel,
-    /// Optimizer steps of fine-tuning.
-    pub finetune_steps: u64,
-    /// Fine-tuning learning rate.
-    pub finetune_learning_rate: f64,
-    /// Sequences per micro-batch.
-    pub batch_size: u32,
-    /// Max sequence length in tokens.
-    pub max_seq_len: u32,
-    /// Names: datasets `{prefix}-chat` / `{prefix}-corpus`, models `{prefix}-base` /
-    /// `{prefix}-adviser`.
-    pub prefix: String,
-    /// Questions asked before and after fine-tuning.
-    pub questions: Vec<String>,
-    /// Tokens per answer.
-    pub max_tokens: u32,
-    /// Draw progress bars (a terminal) or stay quiet (tests).
-    pub progress: bool,
-    /// The gateway's bootstrap admin key (creates the journey's API key).
-    pub admin_key: String,
-    /// How long a training job may take before the journey gives up on it.
-    pub job_timeout: Duration,
-}
-
-impl JourneyOptions {
-    /// The demo's settings: a 4-layer model that pretrains and fine-tunes in a few minutes
-    /// on 2 CPU cores.
-    pub fn demo(examples: PathBuf, admin_key: String) -> Self {
-        Self {
-            examples,
-            base_model_dir: None,
-            scratch: ScratchModel {
-                hidden_size: 128,
-                intermediate_size: 384,
-                layers: 4,
-                heads: 4,
-                kv_heads: 2,
-                vocab_size: 1024,
-                steps: 150,
-            },
-            finetune_steps: 240,
-            finetune_learning_rate: 2e-3,
-            batch_size: 8,
-            max_seq_len: 128,
-            prefix: "bank".to_owned(),
-            questions: vec![
-                "What is the rate on a one-year fixed deposit?".to_owned(),
-                "银行卡丢了怎么办？".to_owned(),
-                "Can you guarantee a 10% return?".to_owned(),
-            ],
-            max_tokens: 48,
-            progress: true,
-            admin_key,
-            job_timeout: Duration::from_secs(30 * 60),
-        }
-    }
-
-    /// Seconds-long settings for the end-to-end tests.
-    pub fn tiny(examples: PathBuf, admin_key: String, prefix: String) -> Self {
-        Self {
-            scratch: ScratchModel {
-                hidden_size: 32,
-                intermediate_size: 64,
-                layers: 2,
-                heads: 4,
-                kv_heads: 2,
-                vocab_size: 400,
-                steps: 12,
-            },
-            finetune_steps: 12,
-            batch_size: 4,
-            max_seq_len: 96,
-            prefix,
-            questions: vec!["银行卡丢了怎么办？".to_owned()],
-            max_tokens: 8,
-            progress: false,
-            job_timeout: Duration::from_secs(3 * 60),
-            ..Self::demo(examples, admin_key)
-        }
-    }
-}
-
-/// One question answered by the base and the fine-tuned model.
-#[derive(Debug, Clone)]
-pub struct Comparison {
-    /// The question.
-    pub question: String,
-    /// The base model's answer.
-    pub before: Answer,
-    /// The fine-tuned model's answer.
-    pub after: Answer,
-}
-
-/// One chat completion through the gateway.
-#[derive(Debug, Clone)]
-pub struct Answer {
-    /// The model reference asked.
-    pub model: String,
-    /// The reply.
-    pub text: String,
-    /// The W3C trace id the request was sent with (look it up in Jaeger).
-    pub trace_id: String,
-}
+pub use answers::{Answer, Comparison, random_hex};
+pub use settings::{Endpoints, JourneyOptions, ScratchModel};
 
 /// What the journey made.
 #[derive(Debug, Clone)]
@@ -230,10 +63,6 @@ pub struct Journey {
 }
 
 const STEPS: usize = 7;
-
-fn url(addr: SocketAddr) -> String {
-    format!("http://{addr}")
-}
 
 impl Journey {
     /// Connects to every service.
@@ -620,145 +449,10 @@ impl Journey {
         }
         Ok(version)
     }
-
-    /// Step 6: loads both versions and asks each question through the gateway's OpenAI HTTP
-    /// API with an API key made for the purpose.
-    pub async fn compare(
-        &mut self,
-        base: &pb::ModelVersion,
-        tuned: &pb::ModelVersion,
-    ) -> anyhow::Result<Vec<Comparison>> {
-        self.header("the same questions before and after fine-tuning, via the gateway");
-        let before = format!("{}/{}", base.model_name, base.version);
-        let after = format!("{}@production", tuned.model_name);
-        for model in [&before, &after] {
-            self.inference
-                .load_model(pb::LoadModelRequest {
-                    model_ref: model.clone(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(status_error)
-                .with_context(|| format!("loading {model}"))?;
-        }
-        let mut admin =
-            crate::key_cmd::connect(&url(self.endpoints.gateway), &self.options.admin_key).await?;
-        let key = admin
-            .create_api_key(pb::CreateApiKeyRequest {
-                name: format!("{}-demo", self.options.prefix),
-                ..Default::default()
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        println!(
-            "POST http://{}/v1/chat/completions  (API key {})",
-            self.endpoints.gateway_http,
-            key.key.as_ref().map(|k| k.id.as_str()).unwrap_or("-")
-        );
-        self.api_key = Some(key.secret.clone());
-        let mut answers = Vec::new();
-        for question in self.options.questions.clone() {
-            let before = self.ask(&key.secret, &before, &question).await?;
-            let after = self.ask(&key.secret, &after, &question).await?;
-            println!("\nQ: {question}");
-            println!("  before ({}): {}", before.model, one_line(&before.text));
-            println!("  after  ({}): {}", after.model, one_line(&after.text));
-            answers.push(Comparison {
-                question,
-                before,
-                after,
-            });
-        }
-        Ok(answers)
-    }
-
-    /// One greedy chat completion through the gateway, sent with a fresh W3C trace id.
-    pub async fn ask(&self, secret: &str, model: &str, question: &str) -> anyhow::Result<Answer> {
-        let trace_id = random_hex(16);
-        let response = self
-            .http
-            .post(format!(
-                "http://{}/v1/chat/completions",
-                self.endpoints.gateway_http
-            ))
-            .bearer_auth(secret)
-            .header("traceparent", format!("00-{trace_id}-{}-01", random_hex(8)))
-            .json(&serde_json::json!({
-                "model": model,
-                "messages": [{"role": "user", "content": question}],
-                "max_tokens": self.options.max_tokens,
-                "temperature": 0,
-            }))
-            .send()
-            .await
-            .context("calling the gateway")?;
-        let status = response.status();
-        let body = response.text().await.context("the gateway's answer")?;
-        anyhow::ensure!(status.is_success(), "the gateway answered {status}: {body}");
-        let body: serde_json::Value =
-            serde_json::from_str(&body).context("the gateway's answer is not JSON")?;
-        let text = body["choices"][0]["message"]["content"]
-            .as_str()
-            .context("no choices[0].message.content in the gateway's answer")?
-            .to_owned();
-        Ok(Answer {
-            model: model.to_owned(),
-            text,
-            trace_id,
-        })
-    }
-
-    /// Step 7: where the traces and metrics of what just happened are.
-    pub fn where_to_look(&mut self, answers: &[Comparison]) {
-        self.header("where to look next");
-        match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
-            Ok(endpoint) if !endpoint.trim().is_empty() => {
-                println!("traces were exported to {endpoint}; in Jaeger (http://127.0.0.1:16686):");
-                for answer in answers.iter().flat_map(|c| [&c.before, &c.after]) {
-                    println!("  trace {}  ({})", answer.trace_id, answer.model);
-                }
-            }
-            _ => println!(
-                "traces: start Jaeger (`docker compose -f deploy/docker-compose.yml up -d jaeger`), \
-                 set OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 and run again; each \
-                 answer above is one trace gateway → inference, each job one trace jobs → \
-                 NATS → trainer → registry"
-            ),
-        }
-        println!("metrics (Prometheus text):");
-        for (name, admin) in &self.endpoints.admin {
-            println!("  {name:<10} http://{admin}/metrics");
-        }
-    }
 }
 
-fn one_line(text: &str) -> String {
-    let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if flat.is_empty() {
-        "(empty)".to_owned()
-    } else {
-        flat
-    }
-}
-
-/// `n` unpredictable bytes as hex (trace and span ids, demo keys; never all zero): a
-/// SHA-256 of the clock, the process id, a counter and the address of a fresh allocation.
-pub fn random_hex(n: usize) -> String {
-    use sha2::Digest;
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let fresh = Box::new(0u8);
-    let seed = format!(
-        "{:?}{}{}{:p}",
-        Instant::now(),
-        std::process::id(),
-        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        &*fresh
-    );
-    let digest = sha2::Sha256::digest(format!("{seed}{:?}", std::time::SystemTime::now()));
-    let mut bytes = digest[..n].to_vec();
-    bytes[0] |= 1;
-    hex::encode(bytes)
+fn url(addr: SocketAddr) -> String {
+    format!("http://{addr}")
 }
 
 #[derive(Debug, clap::Parser)]
