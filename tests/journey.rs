@@ -21,17 +21,18 @@ use lmforge_proto::v1 as pb;
 /// OTLP `SPAN_KIND_SERVER`.
 const SERVER: i32 = 2;
 
-/// `lmforge-trainer`, built beside this test by `cargo test --workspace` (`make test`).
-fn trainer_binary() -> PathBuf {
+/// A workspace binary (`lmforge-trainer`, `lmforge`), built beside this test by
+/// `cargo test --workspace` (`make test`).
+fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let bin = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>/deps")
-        .join("lmforge-trainer");
+        .join(name);
     assert!(
         bin.is_file(),
-        "{} is missing: run `cargo build --bin lmforge-trainer` (make test builds it)",
+        "{} is missing: run `cargo build --bin {name}` (make test builds it)",
         bin.display()
     );
     bin
@@ -58,7 +59,7 @@ impl Drop for Trainer {
 fn spawn_trainer(stack: &Stack, worker_id: &str, artifacts: &Path, otlp: &str) -> Trainer {
     let url = |name: &str| format!("http://{}", stack.service(name).expect(name).grpc);
     let cache = artifacts.join(format!("cache-{worker_id}"));
-    Command::new(trainer_binary())
+    Command::new(binary("lmforge-trainer"))
         .envs([
             ("LMFORGE_NATS_URL", nats_url()),
             ("LMFORGE_REGISTRY_URL", url("registry")),
@@ -399,6 +400,49 @@ async fn the_journey_fine_tunes_an_imported_hugging_face_model() {
         format!("hf-base/{}", report.base.version)
     );
     assert_eq!(report.answers[0].after.model, "hf-adviser@production");
+    // `lmforge model unload|load` move models in and out of inference, as the README's
+    // by-hand journey does.
+    let inference_url = format!(
+        "http://{}",
+        stack.service("inference").expect("inference").grpc
+    );
+    let cli = |words: &[&str]| {
+        let output = Command::new(binary("lmforge"))
+            .args(words)
+            .args(["--inference-url", &inference_url])
+            .output()
+            .expect("run lmforge");
+        assert!(
+            output.status.success(),
+            "lmforge {words:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let mut inference =
+        lmforge_proto::v1::inference_service_client::InferenceServiceClient::connect(
+            inference_url.clone(),
+        )
+        .await
+        .expect("inference client");
+    let mut loaded = async || -> Vec<String> {
+        inference
+            .list_models(pb::ListLoadedModelsRequest::default())
+            .await
+            .expect("list models")
+            .into_inner()
+            .models
+            .into_iter()
+            .map(|m| m.model_ref)
+            .collect()
+    };
+    assert!(loaded().await.contains(&"hf-adviser@production".to_owned()));
+    assert!(cli(&["model", "unload", "hf-adviser@production"]).contains("unloaded"));
+    assert!(!loaded().await.contains(&"hf-adviser@production".to_owned()));
+    let said = cli(&["model", "load", "hf-adviser@production"]);
+    assert!(said.contains("(hf-adviser/1)"), "{said}");
+    assert!(loaded().await.contains(&"hf-adviser@production".to_owned()));
+
     // This stack runs its trainer in-process: its metrics too.
     assert!(stack.service("trainer").is_some());
     assert_every_service_counts_its_rpcs(&stack).await;

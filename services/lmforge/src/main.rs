@@ -125,6 +125,30 @@ enum ModelCommand {
         #[arg(long)]
         alias: Option<String>,
     },
+    /// Load a version into the inference service (`name@alias` follows alias moves).
+    Load {
+        /// Model reference (`name@production`, `name/3`).
+        reference: String,
+        /// Address of the inference service.
+        #[arg(
+            long,
+            env = "LMFORGE_INFERENCE_URL",
+            default_value = "http://127.0.0.1:50054"
+        )]
+        inference_url: String,
+    },
+    /// Unload a model from the inference service (by the reference it was loaded with).
+    Unload {
+        /// The reference it was loaded with.
+        reference: String,
+        /// Address of the inference service.
+        #[arg(
+            long,
+            env = "LMFORGE_INFERENCE_URL",
+            default_value = "http://127.0.0.1:50054"
+        )]
+        inference_url: String,
+    },
     /// Write a version's files (`name@alias`, `name/3`) into a directory.
     Export {
         /// Model reference.
@@ -423,6 +447,19 @@ async fn health(addrs: Vec<SocketAddr>) -> anyhow::Result<()> {
 async fn model(registry_url: &str, command: ModelCommand) -> anyhow::Result<()> {
     use lmforge::model_cmd;
     use lmforge_proto::v1 as pb;
+    // Inference-side commands need no registry connection.
+    if let ModelCommand::Load {
+        reference,
+        inference_url,
+    }
+    | ModelCommand::Unload {
+        reference,
+        inference_url,
+    } = &command
+    {
+        let load = matches!(command, ModelCommand::Load { .. });
+        return model_cmd::load_or_unload(inference_url, reference, load).await;
+    }
     let mut client = model_cmd::connect(registry_url).await?;
     let status = model_cmd::status_error;
     match command {
@@ -544,6 +581,9 @@ async fn model(registry_url: &str, command: ModelCommand) -> anyhow::Result<()> 
             if let Some(alias) = alias {
                 set_alias(&mut client, &name, &alias, version.version).await?;
             }
+        }
+        ModelCommand::Load { .. } | ModelCommand::Unload { .. } => {
+            // Answered above, before connecting to the registry.
         }
         ModelCommand::Export { reference, dir } => {
             let version = model_cmd::export(&mut client, &reference, &dir, true).await?;

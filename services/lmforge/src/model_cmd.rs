@@ -23,6 +23,43 @@ pub async fn connect(url: &str) -> anyhow::Result<RegistryServiceClient<Channel>
     Ok(RegistryServiceClient::new(channel))
 }
 
+/// `lmforge model load|unload`: loads `reference` into (or unloads it from, draining) the
+/// inference service at `url`, and says so.
+pub async fn load_or_unload(url: &str, reference: &str, load: bool) -> anyhow::Result<()> {
+    let endpoint = lmforge_runtime::args::parse_endpoint(url).map_err(anyhow::Error::msg)?;
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the inference service at {url}"))?;
+    let mut inference =
+        lmforge_proto::v1::inference_service_client::InferenceServiceClient::new(channel);
+    if load {
+        let loaded = inference
+            .load_model(pb::LoadModelRequest {
+                model_ref: reference.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let resolved = loaded.resolved.unwrap_or_default();
+        println!(
+            "loaded {reference} ({}/{}) into {url}",
+            resolved.name, resolved.version
+        );
+    } else {
+        inference
+            .unload_model(pb::UnloadModelRequest {
+                model_ref: reference.to_owned(),
+                drain: true,
+            })
+            .await
+            .map_err(status_error)?;
+        println!("unloaded {reference} from {url}");
+    }
+    Ok(())
+}
+
 /// A gRPC status as a CLI error: `NotFound: model `x` not found`.
 pub fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
