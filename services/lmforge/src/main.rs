@@ -126,29 +126,9 @@ enum ModelCommand {
         alias: Option<String>,
     },
     /// Load a version into the inference service (`name@alias` follows alias moves).
-    Load {
-        /// Model reference (`name@production`, `name/3`).
-        reference: String,
-        /// Address of the inference service.
-        #[arg(
-            long,
-            env = "LMFORGE_INFERENCE_URL",
-            default_value = "http://127.0.0.1:50054"
-        )]
-        inference_url: String,
-    },
+    Load(InferenceModel),
     /// Unload a model from the inference service (by the reference it was loaded with).
-    Unload {
-        /// The reference it was loaded with.
-        reference: String,
-        /// Address of the inference service.
-        #[arg(
-            long,
-            env = "LMFORGE_INFERENCE_URL",
-            default_value = "http://127.0.0.1:50054"
-        )]
-        inference_url: String,
-    },
+    Unload(InferenceModel),
     /// Write a version's files (`name@alias`, `name/3`) into a directory.
     Export {
         /// Model reference.
@@ -156,6 +136,20 @@ enum ModelCommand {
         /// Target directory (created when missing).
         dir: std::path::PathBuf,
     },
+}
+
+/// A model reference on an inference service (`lmforge model load|unload`).
+#[derive(Debug, clap::Args)]
+struct InferenceModel {
+    /// Model reference (`name@production`, `name/3`), as loaded.
+    reference: String,
+    /// Address of the inference service.
+    #[arg(
+        long,
+        env = "LMFORGE_INFERENCE_URL",
+        default_value = "http://127.0.0.1:50054"
+    )]
+    inference_url: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -448,17 +442,9 @@ async fn model(registry_url: &str, command: ModelCommand) -> anyhow::Result<()> 
     use lmforge::model_cmd;
     use lmforge_proto::v1 as pb;
     // Inference-side commands need no registry connection.
-    if let ModelCommand::Load {
-        reference,
-        inference_url,
-    }
-    | ModelCommand::Unload {
-        reference,
-        inference_url,
-    } = &command
-    {
-        let load = matches!(command, ModelCommand::Load { .. });
-        return model_cmd::load_or_unload(inference_url, reference, load).await;
+    if let ModelCommand::Load(target) | ModelCommand::Unload(target) = &command {
+        let load = matches!(command, ModelCommand::Load(_));
+        return model_cmd::load_or_unload(&target.inference_url, &target.reference, load).await;
     }
     let mut client = model_cmd::connect(registry_url).await?;
     let status = model_cmd::status_error;
@@ -582,7 +568,7 @@ async fn model(registry_url: &str, command: ModelCommand) -> anyhow::Result<()> 
                 set_alias(&mut client, &name, &alias, version.version).await?;
             }
         }
-        ModelCommand::Load { .. } | ModelCommand::Unload { .. } => {
+        ModelCommand::Load(_) | ModelCommand::Unload(_) => {
             // Answered above, before connecting to the registry.
         }
         ModelCommand::Export { reference, dir } => {
