@@ -9,6 +9,7 @@
 //! - [`metrics`]: the Prometheus recorder and the per-RPC request count and latency layer.
 //! - [`http`]: the axum middleware giving each HTTP request a server span (parented to its
 //!   `traceparent`) and request count and latency metrics.
+//! - `testing` (feature `testing`): an in-process OTLP collector for tests.
 //! - [`admin`]: the admin HTTP port (`/metrics`, `/healthz`, `/readyz`) and [`admin::Readiness`].
 
 pub mod admin;
@@ -16,6 +17,8 @@ pub mod http;
 pub mod metrics;
 mod otlp;
 pub mod propagation;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;

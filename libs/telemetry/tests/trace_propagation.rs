@@ -1,22 +1,15 @@
 //! A call crossing two tonic servers yields one trace: the caller's span, then for each hop
 //! a `grpc.client` span and the callee's `grpc.server` span, each the parent of the next.
-//! Spans are exported over OTLP/gRPC to a collector that this test runs itself.
+//! Spans are exported over OTLP/gRPC to a collector that this test runs itself
+//! (`lmforge_telemetry::testing`).
 
 use std::pin::Pin;
 use std::time::Duration;
 
 use lmforge_telemetry::propagation::{TracedChannel, server_span, traced_channel};
+use lmforge_telemetry::testing::{OtlpCollector, Span};
 use lmforge_telemetry::{TelemetryConfig, metrics::GrpcMetricsLayer};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use opentelemetry_proto::tonic::trace::v1::Span;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Server};
 use tonic::{Request, Response, Status};
@@ -24,41 +17,6 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tracing::Instrument;
-
-/// OTLP trace collector: forwards every exported span with its resource's service name.
-struct Collector {
-    spans_tx: mpsc::UnboundedSender<(String, Span)>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        for resource_spans in request.into_inner().resource_spans {
-            let service_name = resource_spans
-                .resource
-                .iter()
-                .flat_map(|r| r.attributes.iter())
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| kv.value.as_ref()?.value.as_ref())
-                .map(|v| match v {
-                    Value::StringValue(s) => s.clone(),
-                    other => format!("{other:?}"),
-                })
-                .unwrap_or_default();
-            for scope_spans in resource_spans.scope_spans {
-                for span in scope_spans.spans {
-                    let _ = self.spans_tx.send((service_name.clone(), span));
-                }
-            }
-        }
-        Ok(Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
 
 /// Front server: answers a health check by asking the back server.
 struct Front {
@@ -97,13 +55,8 @@ async fn bind() -> (TcpListener, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_spans_two_grpc_hops() {
-    let (collector_listener, collector_url) = bind().await;
-    let (spans_tx, mut spans_rx) = mpsc::unbounded_channel();
-    tokio::spawn(
-        Server::builder()
-            .add_service(TraceServiceServer::new(Collector { spans_tx }))
-            .serve_with_incoming(TcpListenerStream::new(collector_listener)),
-    );
+    let collector = OtlpCollector::start().await;
+    let collector_url = collector.endpoint.clone();
 
     let mut config = TelemetryConfig::from_env("telemetry-test").expect("default env");
     config.otlp_endpoint = Some(collector_url);
@@ -162,14 +115,14 @@ async fn one_trace_spans_two_grpc_hops() {
     .await
     .expect("flush thread");
 
-    let mut spans: Vec<(String, Span)> = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while spans.len() < 5 {
-        match tokio::time::timeout_at(deadline, spans_rx.recv()).await {
-            Ok(Some(span)) => spans.push(span),
-            _ => break,
+    let spans = loop {
+        let spans = collector.spans();
+        if spans.len() >= 5 || tokio::time::Instant::now() > deadline {
+            break spans;
         }
-    }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let names: Vec<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
     let find = |name: &str, nth: usize| -> &Span {
         spans
