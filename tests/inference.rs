@@ -265,6 +265,38 @@ async fn serves_a_registered_model_over_grpc() {
         "{}",
         e.message()
     );
+    // `response_format`: the schema is required, must be JSON and must compile; the field is
+    // named in the message and in the BadRequest detail the gateway reads.
+    for (schema, why) in [
+        ("", "required"),
+        ("{not json", "not JSON"),
+        (
+            r#"{"type": "integer", "minimum": 3, "maximum": 1}"#,
+            "nsatisfiable",
+        ),
+    ] {
+        let mut bad = req("b4", "hi", 4);
+        bad.sampling.as_mut().expect("sampling").response_format = Some(pb::ResponseFormat {
+            r#type: pb::ResponseFormatType::JsonSchema as i32,
+            json_schema: schema.into(),
+        });
+        let e = c.generate(bad).await.expect_err("bad schema");
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(
+            e.message()
+                .starts_with("sampling.response_format.json_schema: ")
+                && e.message().contains(why),
+            "{schema}: {}",
+            e.message()
+        );
+        let field = tonic_types::StatusExt::get_details_bad_request(&e)
+            .and_then(|b| b.field_violations.into_iter().next())
+            .map(|v| v.field);
+        assert_eq!(
+            field.as_deref(),
+            Some("sampling.response_format.json_schema")
+        );
+    }
     let long = "word ".repeat(200);
     let e = c.generate(req("b2", &long, 4)).await.expect_err("too long");
     assert_eq!(e.code(), Code::InvalidArgument);

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Drives a running lmforge gateway with the official `openai` package, unchanged but for the
-base URL: chat, streaming, n > 1, stop, JSON mode, legacy completions, and each error case
+base URL: chat, streaming, n > 1, stop, JSON mode, structured output (`json_schema`, through the SDK's
+`parse` with a pydantic model), legacy completions, and each error case
 (400 naming the field, 401, 404, 429 with retry-after, 503 when inference is down).
 
 Exit status 0 when every check passes; the failing check is printed otherwise.
@@ -10,6 +11,7 @@ Run by `services/gateway/tests/openai_sdk.rs` (make test) against an in-process 
 import argparse
 import json
 import sys
+from typing import Literal
 
 import openai
 
@@ -113,6 +115,51 @@ def main():
             check(isinstance(value, dict), f"not an object: {value!r}")
             print(f"     json mode (seed {seed}): {r.choices[0].message.content}")
 
+    def structured_output():
+        import pydantic
+
+        # Short names: the tiny model's vocabulary is nearly bytes, and its context is 64.
+        class Review(pydantic.BaseModel):
+            ok: bool
+            grade: Literal["A", "B"]
+            n: int = pydantic.Field(ge=1, le=5)
+
+        for seed in range(2):
+            try:
+                r = client.chat.completions.parse(
+                    model=args.model,
+                    messages=[{"role": "user", "content": "Review please"}],
+                    response_format=Review,
+                    max_tokens=40, temperature=1.0, seed=seed,
+                )
+            except openai.LengthFinishReasonError as e:
+                raise AssertionError(f"cut at max_tokens: {e.completion.choices[0].message.content!r}")
+            review = r.choices[0].message.parsed
+            check(isinstance(review, Review), f"not parsed: {r.choices[0].message.content!r}")
+            print(f"     structured (seed {seed}): {r.choices[0].message.content}")
+        try:
+            client.chat.completions.create(
+                model=args.model, messages=messages,
+                response_format={"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}},
+            )
+        except openai.BadRequestError as e:
+            check(e.param == "response_format.json_schema.name", e.param)
+        else:
+            raise AssertionError("a bad schema name was accepted")
+        # Compiled by the inference engine's grammar compiler: no value satisfies it.
+        unsatisfiable = {"type": "object", "required": ["a"],
+                         "properties": {"a": {"type": "integer", "minimum": 5, "maximum": 1}}}
+        try:
+            client.chat.completions.create(
+                model=args.model, messages=messages,
+                response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": unsatisfiable}},
+            )
+        except openai.BadRequestError as e:
+            check(e.param == "response_format.json_schema", (e.param, e.message))
+            print(f"     unsatisfiable schema: {e.message}")
+        else:
+            raise AssertionError("an unsatisfiable schema was accepted")
+
     def completions():
         r = client.completions.create(model=args.model, prompt="Once upon a time", max_tokens=5, temperature=0)
         check(r.object == "text_completion", r.object)
@@ -182,6 +229,7 @@ def main():
     step("n>1", n_choices)
     step("stop", stop)
     step("json_mode", json_mode)
+    step("structured output", structured_output)
     step("completions", completions)
     step("400 names the field", bad_request)
     step("401", unauthorized)

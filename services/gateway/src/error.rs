@@ -104,7 +104,14 @@ impl GatewayError {
                     .and_then(|b| b.field_violations.into_iter().next())
                     .map(|v| v.field)
                     .unwrap_or_default();
-                Self::invalid(param, status.message().to_owned())
+                // Inference names sampling fields `sampling.<OpenAI name>`.
+                let param = param
+                    .strip_prefix("sampling.")
+                    .map(str::to_owned)
+                    .unwrap_or(param);
+                let message = status.message();
+                let message = message.strip_prefix("sampling.").unwrap_or(message);
+                Self::invalid(param, message.to_owned())
             }
             Code::NotFound => Self::ModelNotFound(model.to_owned()),
             Code::ResourceExhausted => Self::Unavailable("overloaded".to_owned()),

@@ -16,7 +16,8 @@ use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::keys::{ApiKey, NewKey};
 use crate::types::{
-    GenOutput, GenRequest, Input, Message, Provenance, StreamEvent, TokenLogprob, unix_now,
+    GenOutput, GenRequest, Input, Message, Provenance, ResponseFormat, StreamEvent, TokenLogprob,
+    unix_now,
 };
 
 /// `lmforge.v1.OpenAIService`.
@@ -85,16 +86,15 @@ fn chat_request(r: pb::ChatCompletionRequest) -> Result<GenRequest, GatewayError
     g.logprobs = logprobs.unwrap_or(false);
     g.top_logprobs = top_logprobs;
     g.seed = seed;
-    g.json_mode = match response_format.as_ref().map(|f| f.r#type.as_str()) {
-        None | Some("") | Some("text") => false,
-        Some("json_object") => true,
-        Some(other) => {
-            return Err(GatewayError::invalid(
-                "response_format.type",
-                format!("`{other}` is not supported; use `text` or `json_object`"),
-            ));
-        }
-    };
+    if let Some(format) = response_format {
+        g.response_format = ResponseFormat::parse(
+            &format.r#type,
+            format.json_schema.map(|j| {
+                let schema = j.schema.as_ref().map(lmforge_proto::json::struct_to_json);
+                (j.name, schema)
+            }),
+        )?;
+    }
     g.user = user;
     g.include_usage = stream_options.is_some_and(|o| o.include_usage);
     g.top_k = top_k;

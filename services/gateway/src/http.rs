@@ -20,7 +20,9 @@ use serde_json::{Value, json};
 
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
-use crate::types::{GenOutput, GenRequest, Input, Message, StreamEvent, TokenLogprob, unix_now};
+use crate::types::{
+    GenOutput, GenRequest, Input, Message, ResponseFormat, StreamEvent, TokenLogprob, unix_now,
+};
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
@@ -99,6 +101,18 @@ impl OneOrMany {
 #[derive(Debug, Deserialize)]
 struct ResponseFormatBody {
     r#type: String,
+    #[serde(default)]
+    json_schema: Option<JsonSchemaBody>,
+}
+
+/// `response_format.json_schema`; `description` and `strict` are accepted and not needed
+/// (outputs always follow the schema).
+#[derive(Debug, Deserialize)]
+struct JsonSchemaBody {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    schema: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -271,16 +285,12 @@ fn chat_request(mut body: ChatBody) -> Result<(GenRequest, bool), GatewayError> 
             "requires `logprobs: true`",
         ));
     }
-    r.json_mode = match body.response_format.as_ref().map(|f| f.r#type.as_str()) {
-        None | Some("text") => false,
-        Some("json_object") => true,
-        Some(other) => {
-            return Err(GatewayError::invalid(
-                "response_format.type",
-                format!("`{other}` is not supported; use `text` or `json_object`"),
-            ));
-        }
-    };
+    if let Some(format) = body.response_format {
+        r.response_format = ResponseFormat::parse(
+            &format.r#type,
+            format.json_schema.map(|j| (j.name, j.schema)),
+        )?;
+    }
     Ok((r, stream))
 }
 

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::GatewayError;
+
 /// A chat message after role normalisation (`developer` → `system`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
@@ -44,6 +46,76 @@ impl Input {
     }
 }
 
+/// OpenAI `response_format`, validated; the engine constrains decoding to it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub enum ResponseFormat {
+    #[default]
+    Text,
+    /// JSON mode: one JSON object.
+    JsonObject,
+    /// Structured output: a JSON value valid under `schema` (`name` is informational).
+    JsonSchema {
+        name: String,
+        schema: serde_json::Value,
+    },
+}
+
+impl ResponseFormat {
+    /// `response_format.type` and, for `json_schema`, its `name` and `schema`.
+    pub fn parse(
+        kind: &str,
+        json_schema: Option<(String, Option<serde_json::Value>)>,
+    ) -> Result<Self, GatewayError> {
+        let format = match kind {
+            "" | "text" => Self::Text,
+            "json_object" => Self::JsonObject,
+            "json_schema" => {
+                let Some((name, schema)) = json_schema else {
+                    return Err(GatewayError::invalid(
+                        "response_format.json_schema",
+                        "required when `type` is `json_schema`",
+                    ));
+                };
+                if name.is_empty()
+                    || name.len() > 64
+                    || !name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    return Err(GatewayError::invalid(
+                        "response_format.json_schema.name",
+                        "must be 1-64 characters of a-z, A-Z, 0-9, `_` and `-`",
+                    ));
+                }
+                // No schema: any JSON value, as JSON Schema reads `{}`.
+                let schema = schema.unwrap_or_else(|| serde_json::json!({}));
+                if !schema.is_object() {
+                    return Err(GatewayError::invalid(
+                        "response_format.json_schema.schema",
+                        "must be a JSON Schema object",
+                    ));
+                }
+                return Ok(Self::JsonSchema { name, schema });
+            }
+            other => {
+                return Err(GatewayError::invalid(
+                    "response_format.type",
+                    format!(
+                        "`{other}` is not supported; use `text`, `json_object` or `json_schema`"
+                    ),
+                ));
+            }
+        };
+        if json_schema.is_some() {
+            return Err(GatewayError::invalid(
+                "response_format.json_schema",
+                "only allowed when `type` is `json_schema`",
+            ));
+        }
+        Ok(format)
+    }
+}
+
 /// One request, validated. Field names and meanings are OpenAI's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenRequest {
@@ -61,7 +133,7 @@ pub struct GenRequest {
     pub logprobs: bool,
     pub top_logprobs: Option<u32>,
     pub seed: Option<i64>,
-    pub json_mode: bool,
+    pub response_format: ResponseFormat,
     pub top_k: Option<u32>,
     pub min_p: Option<f64>,
     pub repetition_penalty: Option<f64>,
@@ -97,7 +169,7 @@ impl GenRequest {
             logprobs: false,
             top_logprobs: None,
             seed: None,
-            json_mode: false,
+            response_format: ResponseFormat::Text,
             top_k: None,
             min_p: None,
             repetition_penalty: None,

@@ -9,7 +9,9 @@ use lmforge_proto::v1::inference_service_client::InferenceServiceClient;
 use lmforge_telemetry::propagation::{TracedChannel, traced_channel};
 
 use crate::error::GatewayError;
-use crate::types::{ChoiceOut, GenOutput, GenRequest, Input, Message, Provenance, TokenLogprob};
+use crate::types::{
+    ChoiceOut, GenOutput, GenRequest, Input, Message, Provenance, ResponseFormat, TokenLogprob,
+};
 
 /// The inference service.
 #[derive(Debug, Clone)]
@@ -173,9 +175,17 @@ pub fn to_proto(request: &GenRequest, target: &str, request_id: &str) -> pb::Gen
         Input::Chat(messages) => pb::generate_request::Input::Chat(chat_input(messages)),
         Input::Text(prompt) => pb::generate_request::Input::Prompt(prompt.clone()),
     };
-    let json = request.json_mode.then_some(pb::ResponseFormat {
-        r#type: pb::ResponseFormatType::JsonObject as i32,
-    });
+    let format = match &request.response_format {
+        ResponseFormat::Text => None,
+        ResponseFormat::JsonObject => Some(pb::ResponseFormat {
+            r#type: pb::ResponseFormatType::JsonObject as i32,
+            json_schema: String::new(),
+        }),
+        ResponseFormat::JsonSchema { schema, .. } => Some(pb::ResponseFormat {
+            r#type: pb::ResponseFormatType::JsonSchema as i32,
+            json_schema: schema.to_string(),
+        }),
+    };
     pb::GenerateRequest {
         request_id: request_id.to_owned(),
         model: target.to_owned(),
@@ -202,7 +212,7 @@ pub fn to_proto(request: &GenRequest, target: &str, request_id: &str) -> pb::Gen
                 .iter()
                 .map(|(k, v)| (*k, *v as f32))
                 .collect(),
-            response_format: json,
+            response_format: format,
             ..Default::default()
         }),
         return_token_details: request.logprobs,

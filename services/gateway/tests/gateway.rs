@@ -163,6 +163,18 @@ async fn chat_completions_auth_and_limits() {
             json!({"messages": [{"role": "user", "content": "x"}]}),
             "model",
         ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}),
+            "response_format.json_schema",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}}),
+            "response_format.json_schema.name",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": [1]}}}),
+            "response_format.json_schema.schema",
+        ),
     ];
     for (body, field) in cases {
         let (status, _, answer) = gw.post("/v1/chat/completions", &key, &body).await;
@@ -217,6 +229,50 @@ async fn chat_completions_auth_and_limits() {
         answer.choices[0].message.as_ref().expect("message").content,
         "hello there"
     );
+    // `response_format: json_schema` reaches inference as the schema's JSON text, from the
+    // gRPC mirror's Struct (whole numbers stay integers) and from HTTP alike.
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+        "required": ["city"]});
+    let sent_format = || {
+        let last = mock.last.lock().expect("last").clone().expect("a request");
+        let format = last
+            .sampling
+            .and_then(|s| s.response_format)
+            .expect("format");
+        assert_eq!(format.r#type, pb::ResponseFormatType::JsonSchema as i32);
+        serde_json::from_str::<serde_json::Value>(&format.json_schema).expect("schema JSON")
+    };
+    let mut request = tonic::Request::new(pb::ChatCompletionRequest {
+        model: "tiny".into(),
+        messages: vec![pb::OpenAiChatMessage {
+            role: "user".into(),
+            content: "schema".into(),
+            name: None,
+        }],
+        response_format: Some(pb::OpenAiResponseFormat {
+            r#type: "json_schema".into(),
+            json_schema: Some(pb::OpenAiJsonSchema {
+                name: "city".into(),
+                schema: Some(lmforge_proto::json::json_to_struct(&schema)),
+                ..Default::default()
+            }),
+        }),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("ascii"),
+    );
+    openai
+        .create_chat_completion(request)
+        .await
+        .expect("grpc chat with a schema");
+    assert_eq!(sent_format(), schema);
+    let mut body = chat("tiny", "schema over http");
+    body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": true}});
+    let (status, _, answer) = gw.post("/v1/chat/completions", &key, &body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(sent_format(), schema);
     let mut request = tonic::Request::new(pb::ChatCompletionRequest {
         model: "tiny".into(),
         n: Some(2),

@@ -89,7 +89,7 @@ fn main() {
                                 },
                                 min_tokens: 0,
                                 logit_bias: vec![],
-                                json_object: false,
+                                format: None,
                                 n: 1,
                                 priority: 0,
                                 deadline: None,

@@ -24,6 +24,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 type BoxStream<T> = futures::stream::BoxStream<'static, Result<T, Status>>;
 
+use crate::engine::constrain::{CompiledFormat, OutputFormat};
 use crate::engine::{EngineHandle, EngineRequest, Event, Finish, SubmitError, record_rejection};
 use crate::models::{ModelManager, Served};
 
@@ -69,8 +70,63 @@ impl Drop for InflightGuard {
     }
 }
 
+/// INVALID_ARGUMENT naming `field` in the message and in a `BadRequest` detail.
 fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("{field}: {reason}"))
+    let message = format!("{field}: {reason}");
+    <Status as tonic_types::StatusExt>::with_error_details(
+        tonic::Code::InvalidArgument,
+        message.clone(),
+        tonic_types::ErrorDetails::with_bad_request_violation(field, message),
+    )
+}
+
+/// `response_format` compiled against the model's vocabulary; `None` for free text.
+fn output_format(
+    format: Option<&pb::ResponseFormat>,
+    served: &Served,
+    sf: &dyn Fn(&str) -> String,
+) -> Result<Option<Arc<CompiledFormat>>, Status> {
+    let Some(format) = format else {
+        return Ok(None);
+    };
+    let kind = pb::ResponseFormatType::try_from(format.r#type)
+        .map_err(|_| invalid(&sf("response_format.type"), "unknown value"))?;
+    if kind != pb::ResponseFormatType::JsonSchema && !format.json_schema.is_empty() {
+        return Err(invalid(
+            &sf("response_format.json_schema"),
+            "only allowed with RESPONSE_FORMAT_TYPE_JSON_SCHEMA",
+        ));
+    }
+    let wanted = match kind {
+        pb::ResponseFormatType::Unspecified | pb::ResponseFormatType::Text => return Ok(None),
+        pb::ResponseFormatType::JsonObject => OutputFormat::JsonObject,
+        pb::ResponseFormatType::JsonSchema => {
+            let field = sf("response_format.json_schema");
+            if format.json_schema.is_empty() {
+                return Err(invalid(
+                    &field,
+                    "required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA",
+                ));
+            }
+            let schema = serde_json::from_str(&format.json_schema)
+                .map_err(|e| invalid(&field, format!("not JSON: {e}")))?;
+            OutputFormat::JsonSchema(schema)
+        }
+    };
+    let grammars = served.grammars.as_ref().map_err(|e| {
+        invalid(
+            &sf("response_format.type"),
+            format!("this model has no constrained decoding: {e}"),
+        )
+    })?;
+    let field = match wanted {
+        OutputFormat::JsonObject => sf("response_format.type"),
+        OutputFormat::JsonSchema(_) => sf("response_format.json_schema"),
+    };
+    grammars
+        .compile(&wanted)
+        .map(|c| Some(Arc::new(c)))
+        .map_err(|e| invalid(&field, e))
 }
 
 fn role_name(role: i32) -> Option<&'static str> {
@@ -375,10 +431,7 @@ impl InferenceApi {
             }
             logit_bias.push((id, b));
         }
-        let json_object = s
-            .response_format
-            .as_ref()
-            .is_some_and(|r| r.r#type == pb::ResponseFormatType::JsonObject as i32);
+        let format = output_format(s.response_format.as_ref(), &served, &sf)?;
         let deadline = deadline_of(req.deadline.as_ref(), grpc_timeout, arrived)?;
         let seed = s
             .seed
@@ -420,7 +473,7 @@ impl InferenceApi {
                 stop,
                 min_tokens: min_tokens as usize,
                 logit_bias,
-                json_object,
+                format,
                 n,
                 priority: req.priority,
                 deadline,

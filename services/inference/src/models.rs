@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tonic::Status;
 use tonic::transport::Channel;
 
+use crate::engine::constrain::Grammars;
 use crate::engine::{self, EngineConfig, EngineHandle};
 use crate::fetch::{self, FetchError};
 
@@ -50,6 +51,8 @@ pub struct Served {
     pub context_length: usize,
     pub vocab_size: usize,
     pub eos_token_ids: Vec<u32>,
+    /// The vocabulary for `response_format` grammars, or why this tokenizer has none.
+    pub grammars: Result<Arc<Grammars>, String>,
     /// Ids of the tokenizer's special tokens.
     pub special_ids: std::collections::HashSet<u32>,
     /// Weights and KV cache, as counted against the memory budget.
@@ -555,6 +558,11 @@ fn build(
         .filter(|(_, t)| t.special)
         .map(|(id, _)| id)
         .collect();
+    let grammars =
+        Grammars::new(&tokenizer, vocab_size, eos_token_ids.first().copied()).map(Arc::new);
+    if let Err(e) = &grammars {
+        tracing::warn!(model = model_ref, error = %e, "no constrained decoding for this model");
+    }
     let tokenizer = Arc::new(tokenizer);
     let engine = engine::spawn(model, tokenizer.clone(), engine_config, model_ref)
         .map_err(|e| Status::internal(format!("engine thread: {e}")))?;
@@ -572,6 +580,7 @@ fn build(
         context_length,
         vocab_size,
         eos_token_ids,
+        grammars,
         special_ids,
         bytes,
         quantization: if options.quantization == pb::Quantization::Q80 {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
+use lmforge_inference::engine::constrain::{Grammars, OutputFormat};
 use lmforge_inference::engine::{
     self, EngineConfig, EngineHandle, EngineRequest, Event, Finish, SubmitError,
 };
@@ -59,7 +60,7 @@ fn request(
         },
         min_tokens: 0,
         logit_bias: vec![],
-        json_object: false,
+        format: None,
         n: 1,
         priority: 0,
         deadline: None,
@@ -461,6 +462,11 @@ async fn n_choices_are_independent_seeded_sequences() {
     assert_ne!(tokens[0], tokens[1]);
 }
 
+fn grammars(tok: &TextTokenizer) -> Arc<Grammars> {
+    let vocab = tok.vocab_size();
+    Arc::new(Grammars::new(tok, vocab, tok.eos_token_id()).expect("grammars"))
+}
+
 /// JSON mode: every choice, sampled or greedy, with a generous or a tight token budget, is
 /// one JSON object, closed before max_tokens.
 #[tokio::test]
@@ -468,6 +474,11 @@ async fn json_mode_outputs_always_parse_as_json_objects() {
     let engine = start(EngineConfig::default());
     let tok = TextTokenizer::from_dir(&fixture()).expect("tokenizer");
     let eos = tok.eos_token_id().into_iter().collect::<Vec<_>>();
+    let format = Arc::new(
+        grammars(&tok)
+            .compile(&OutputFormat::JsonObject)
+            .expect("compiles"),
+    );
     for (i, max_tokens) in [2usize, 3, 8, 20, 40].into_iter().enumerate() {
         for s in 0..3u32 {
             let mut r = request(
@@ -476,7 +487,7 @@ async fn json_mode_outputs_always_parse_as_json_objects() {
                 max_tokens,
                 sampling(s + 1),
             );
-            r.json_object = true;
+            r.format = Some(format.clone());
             r.stop.eos_token_ids = eos.clone();
             r.n = 2;
             let rx = engine.submit(r).expect("submit");
@@ -489,6 +500,52 @@ async fn json_mode_outputs_always_parse_as_json_objects() {
                 });
                 assert!(value.is_object(), "{text}");
             }
+        }
+    }
+}
+
+/// Structured output: a random model's every choice is valid under the schema.
+#[tokio::test]
+async fn json_schema_outputs_follow_the_schema() {
+    let engine = start(EngineConfig::default());
+    let tok = TextTokenizer::from_dir(&fixture()).expect("tokenizer");
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 8},
+            "rating": {"enum": ["good", "bad"]},
+            "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+        },
+        "required": ["city", "rating", "stars"],
+        "additionalProperties": false,
+    });
+    let format = Arc::new(
+        grammars(&tok)
+            .compile(&OutputFormat::JsonSchema(schema))
+            .expect("compiles"),
+    );
+    for s in 0..4u32 {
+        let mut r = request(&format!("schema-{s}"), prompt(s, 6), 200, sampling(s + 1));
+        r.format = Some(format.clone());
+        r.stop.eos_token_ids = tok.eos_token_id().into_iter().collect();
+        r.n = 2;
+        let rx = engine.submit(r).expect("submit");
+        let (tokens, _, _) = collect(rx, 2).await;
+        for choice in tokens {
+            let text = tok.inner.decode(&choice, true).expect("decode");
+            let value: serde_json::Value =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            let city = value["city"].as_str().expect("city");
+            assert!(city.chars().count() <= 8, "{text}");
+            assert!(
+                ["good", "bad"].contains(&value["rating"].as_str().unwrap_or("")),
+                "{text}"
+            );
+            assert!(
+                (1..=5).contains(&value["stars"].as_i64().unwrap_or(0)),
+                "{text}"
+            );
+            assert_eq!(value.as_object().map(|o| o.len()), Some(3), "{text}");
         }
     }
 }

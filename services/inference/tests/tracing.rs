@@ -52,7 +52,7 @@ async fn engine_steps_link_to_the_requests_they_serve() {
                     },
                     min_tokens: 0,
                     logit_bias: vec![],
-                    json_object: false,
+                    format: None,
                     n: 1,
                     priority: 0,
                     deadline: None,

@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, HashMap};
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use lmforge_proto::v1 as pb;
-use prost_types::value::Kind;
 
 use crate::domain::{Alias, AliasEvent, FileEntry, Model, Version, VersionPin, VersionStatus};
 use crate::error::{RegistryError, Result};
@@ -58,56 +57,7 @@ pub fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
-/// `google.protobuf.Struct` → JSON object.
-pub fn struct_to_json(value: &prost_types::Struct) -> serde_json::Value {
-    serde_json::Value::Object(
-        value
-            .fields
-            .iter()
-            .map(|(k, v)| (k.clone(), value_to_json(v)))
-            .collect(),
-    )
-}
-
-fn value_to_json(value: &prost_types::Value) -> serde_json::Value {
-    match &value.kind {
-        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
-        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
-        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
-            .map_or(serde_json::Value::Null, serde_json::Value::Number),
-        Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
-        Some(Kind::ListValue(list)) => {
-            serde_json::Value::Array(list.values.iter().map(value_to_json).collect())
-        }
-        Some(Kind::StructValue(s)) => struct_to_json(s),
-    }
-}
-
-/// JSON → `google.protobuf.Struct` (non-objects become an empty struct).
-pub fn json_to_struct(value: &serde_json::Value) -> prost_types::Struct {
-    let fields = match value {
-        serde_json::Value::Object(map) => map
-            .iter()
-            .map(|(k, v)| (k.clone(), json_to_value(v)))
-            .collect(),
-        _ => Default::default(),
-    };
-    prost_types::Struct { fields }
-}
-
-fn json_to_value(value: &serde_json::Value) -> prost_types::Value {
-    let kind = match value {
-        serde_json::Value::Null => Kind::NullValue(0),
-        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
-        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
-        serde_json::Value::Array(items) => Kind::ListValue(prost_types::ListValue {
-            values: items.iter().map(json_to_value).collect(),
-        }),
-        serde_json::Value::Object(_) => Kind::StructValue(json_to_struct(value)),
-    };
-    prost_types::Value { kind: Some(kind) }
-}
+pub use lmforge_proto::json::{json_to_struct, struct_to_json};
 
 /// Proto format enum → stored name; `field` names it in errors.
 pub fn format_name(field: &'static str, format: i32) -> Result<&'static str> {
@@ -294,11 +244,5 @@ mod tests {
         assert_eq!(next_token(false, 10, 20), "");
         assert!(page(10, "garbage!").is_err());
         assert!(page(-1, "").is_err());
-    }
-
-    #[test]
-    fn json_and_struct_round_trip() {
-        let json = serde_json::json!({"lr": 0.0002, "schedule": "cosine", "lora": {"r": 8.0}, "layers": [1.0, 2.0], "x": null, "b": true});
-        assert_eq!(struct_to_json(&json_to_struct(&json)), json);
     }
 }

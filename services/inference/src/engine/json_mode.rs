@@ -1,106 +1,13 @@
-//! JSON mode (`response_format: json_object`) by constrained decoding: before each sampling
-//! step, every token that would not keep the output a valid prefix of one JSON object gets
-//! logit −∞, and so does every token after which the object could no longer be closed within
-//! the tokens left (`max_tokens`, context); once the object is closed only EOS remains.
-//!
-//! Why hand-written rather than `llguidance`: JSON-object mode needs one fixed grammar, which
-//! a byte-level pushdown automaton with a `Copy` state (the container stack is a bit set)
-//! checks in a few nanoseconds per byte, with no new dependency tree in the engine; a general
-//! grammar engine becomes worth it with JSON-schema or regex constraints.
-//!
-//! - [`JsonVocab`]: each token's bytes as the detokenizer emits them, built once per model.
-//! - [`JsonState`]: the automaton; [`JsonConstraint`]: one sequence's state plus the mask.
-
-use std::sync::Arc;
-
-use lmforge_model::tokenizer::TextTokenizer;
+//! JSON mode's length guard: a byte-level pushdown automaton over the JSON-object language
+//! whose state is `Copy` (the container stack is a bit set) and knows the fewest bytes that
+//! close the object from where it is ([`JsonState::bytes_to_close`]). The grammar itself is
+//! llguidance's ([`super::constrain`]); this guard only keeps a `json_object` answer closable
+//! within the tokens it has left.
 
 /// Deepest nesting JSON mode allows (the stack is a `u128` bit set).
 const MAX_DEPTH: u8 = 64;
 /// Most consecutive whitespace bytes between tokens of the JSON text.
 const MAX_WHITESPACE: u8 = 4;
-
-/// Each token id's output bytes; empty for special tokens (skipped in text).
-#[derive(Debug)]
-pub struct JsonVocab {
-    bytes: Vec<Box<[u8]>>,
-}
-
-/// GPT-2's byte ↔ printable-char table used by byte-level BPE vocabularies.
-fn byte_level_table() -> std::collections::HashMap<char, u8> {
-    let mut printable: Vec<u32> = (u32::from(b'!')..=u32::from(b'~'))
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut chars: Vec<u32> = printable.clone();
-    let mut extra = 0;
-    for b in 0..256u32 {
-        if !printable.contains(&b) {
-            printable.push(b);
-            chars.push(256 + extra);
-            extra += 1;
-        }
-    }
-    printable
-        .into_iter()
-        .zip(chars)
-        .filter_map(|(b, c)| Some((char::from_u32(c)?, u8::try_from(b).ok()?)))
-        .collect()
-}
-
-impl JsonVocab {
-    /// Reads every token's bytes from `tokenizer`: byte-level BPE pieces through GPT-2's
-    /// table, SentencePiece pieces with `▁` as a space and `<0xNN>` byte tokens.
-    pub fn new(tokenizer: &TextTokenizer) -> Self {
-        let inner = &tokenizer.inner;
-        let byte_level = matches!(
-            inner.get_decoder(),
-            Some(tokenizers::DecoderWrapper::ByteLevel(_))
-        );
-        let table = byte_level_table();
-        let special: std::collections::HashSet<u32> = inner
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, _)| id)
-            .collect();
-        let size = inner.get_vocab_size(true);
-        let bytes = (0..size as u32)
-            .map(|id| {
-                if special.contains(&id) {
-                    return Box::default();
-                }
-                let Some(piece) = inner.id_to_token(id) else {
-                    return Box::default();
-                };
-                if byte_level {
-                    let mapped: Option<Vec<u8>> =
-                        piece.chars().map(|c| table.get(&c).copied()).collect();
-                    return mapped
-                        .unwrap_or_else(|| piece.into_bytes())
-                        .into_boxed_slice();
-                }
-                if let Some(hex) = piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>'))
-                    && let Ok(b) = u8::from_str_radix(hex, 16)
-                {
-                    return Box::new([b]);
-                }
-                piece
-                    .replace('\u{2581}', " ")
-                    .into_bytes()
-                    .into_boxed_slice()
-            })
-            .collect();
-        Self { bytes }
-    }
-
-    /// A vocabulary from explicit token bytes (tests).
-    pub fn from_bytes(bytes: Vec<Vec<u8>>) -> Self {
-        Self {
-            bytes: bytes.into_iter().map(Vec::into_boxed_slice).collect(),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Num {
@@ -399,75 +306,6 @@ impl JsonState {
     }
 }
 
-/// One sequence's JSON constraint.
-#[derive(Debug, Clone)]
-pub struct JsonConstraint {
-    vocab: Arc<JsonVocab>,
-    state: JsonState,
-}
-
-impl JsonConstraint {
-    pub fn new(vocab: Arc<JsonVocab>) -> Self {
-        Self {
-            vocab,
-            state: JsonState::default(),
-        }
-    }
-
-    /// Sets the logits of every token that may not come next to −∞. `remaining` counts the
-    /// tokens this sequence may still generate, this one included; `stop_ids` end it.
-    pub fn mask(&self, row: &mut [f32], remaining: usize, stop_ids: &[u32]) {
-        if self.state.is_done() {
-            for (id, x) in row.iter_mut().enumerate() {
-                if !stop_ids.contains(&(id as u32)) {
-                    *x = f32::NEG_INFINITY;
-                }
-            }
-            return;
-        }
-        let budget = remaining.saturating_sub(1);
-        let allowed = |within_budget: bool| -> Vec<bool> {
-            (0..row.len())
-                .map(|id| {
-                    self.vocab
-                        .bytes
-                        .get(id)
-                        .filter(|b| !b.is_empty())
-                        .and_then(|b| self.state.feed_all(b))
-                        .is_some_and(|s| !within_budget || s.bytes_to_close() <= budget)
-                })
-                .collect()
-        };
-        let mut keep = allowed(true);
-        // Nothing closes in time (a budget too small from the start, or the model's own
-        // masks removed the rest): stay valid at least.
-        if !keep
-            .iter()
-            .zip(row.iter())
-            .any(|(k, x)| *k && x.is_finite())
-        {
-            keep = allowed(false);
-        }
-        for (x, k) in row.iter_mut().zip(keep) {
-            if !k {
-                *x = f32::NEG_INFINITY;
-            }
-        }
-    }
-
-    /// Advances past the sampled token.
-    pub fn accept(&mut self, token: u32) {
-        if let Some(next) = self
-            .vocab
-            .bytes
-            .get(token as usize)
-            .and_then(|b| self.state.feed_all(b))
-        {
-            self.state = next;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,50 +360,6 @@ mod tests {
             assert_eq!(s.bytes_to_close(), completion.len(), "{prefix}");
             let done = s.feed_all(completion.as_bytes()).expect("completes");
             assert!(done.is_done(), "{prefix}{completion}");
-        }
-    }
-
-    #[test]
-    fn the_mask_always_finishes_a_valid_object_within_the_budget() {
-        // Single bytes plus a few multi-byte pieces, including ones that are never valid.
-        let mut pieces: Vec<Vec<u8>> = (0u8..128).map(|b| vec![b]).collect();
-        for p in ["{\"", "\":", "true", "\"}", "]]]", "abc", "  "] {
-            pieces.push(p.as_bytes().to_vec());
-        }
-        let eos = pieces.len() as u32;
-        pieces.push(Vec::new());
-        let vocab = Arc::new(JsonVocab::from_bytes(pieces.clone()));
-        // A deterministic "model" that prefers opening things and long strings.
-        for (budget, seed) in [(2usize, 1u64), (5, 2), (9, 3), (20, 4), (40, 5)] {
-            let mut c = JsonConstraint::new(vocab.clone());
-            let mut out = Vec::new();
-            let mut rng = seed;
-            for step in 0..budget {
-                let mut row: Vec<f32> = (0..pieces.len())
-                    .map(|_| {
-                        rng = rng
-                            .wrapping_mul(6364136223846793005)
-                            .wrapping_add(1442695040888963407);
-                        (rng >> 40) as f32 / (1u64 << 24) as f32
-                    })
-                    .collect();
-                c.mask(&mut row, budget - step, &[eos]);
-                let (best, _) = row
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, x)| x.is_finite())
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .expect("some token allowed");
-                if best as u32 == eos {
-                    break;
-                }
-                c.accept(best as u32);
-                out.extend_from_slice(&pieces[best]);
-            }
-            let text = String::from_utf8(out).expect("utf-8");
-            let value: serde_json::Value = serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("budget {budget}: {text:?} is not JSON: {e}"));
-            assert!(value.is_object(), "{text}");
         }
     }
 }

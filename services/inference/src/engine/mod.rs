@@ -19,6 +19,7 @@
 //! same as if it had never been preempted.
 
 pub mod blocks;
+pub mod constrain;
 pub mod json_mode;
 mod metrics;
 mod sequence;
@@ -94,8 +95,8 @@ pub struct EngineRequest {
     pub stop: StopConfig,
     pub min_tokens: usize,
     pub logit_bias: Vec<(u32, f32)>,
-    /// JSON mode: constrain every choice to one JSON object ([`json_mode`]).
-    pub json_object: bool,
+    /// `response_format`: every choice's output follows this grammar ([`constrain`]).
+    pub format: Option<Arc<constrain::CompiledFormat>>,
     /// Choices to generate (each its own sequence, seeded `seed + index`).
     pub n: usize,
     pub priority: i32,
@@ -304,7 +305,6 @@ pub fn spawn(
         waiting: VecDeque::new(),
         running: Vec::new(),
         next_order: 0,
-        json_vocab: None,
     };
     std::thread::Builder::new()
         .name(format!("engine-{label}"))
@@ -331,8 +331,6 @@ struct Engine {
     /// Sequences holding KV blocks, oldest admission first.
     running: Vec<Sequence>,
     next_order: u64,
-    /// Token bytes for JSON mode, built on the first JSON-mode request.
-    json_vocab: Option<Arc<json_mode::JsonVocab>>,
 }
 
 impl Engine {
@@ -596,13 +594,7 @@ impl Engine {
                 Waiting::Preempted(seq) => vec![*seq],
                 Waiting::New(new) => {
                     self.unqueue(&new.request.prompt, new.n);
-                    let json_vocab = new.wants_json().then(|| {
-                        let tokenizer = &self.tokenizer;
-                        self.json_vocab
-                            .get_or_insert_with(|| Arc::new(json_mode::JsonVocab::new(tokenizer)))
-                            .clone()
-                    });
-                    new.into_sequences(json_vocab)
+                    new.into_sequences()
                 }
             };
             let queried = tokens * seqs.len();

@@ -10,6 +10,7 @@ use lmforge_model::stopping::{FinishReason, StopConfig, StreamState};
 use lmforge_model::tokenizer::TextTokenizer;
 use tokio::sync::mpsc as tmpsc;
 
+use super::constrain::{CompiledFormat, Constraint};
 use super::{EngineRequest, Event, Finish, metrics};
 
 /// What every sequence of one request shares.
@@ -74,24 +75,13 @@ pub(super) struct NewRequest {
     stop: StopConfig,
     min_tokens: usize,
     logit_bias: Vec<(u32, f32)>,
-    json_object: bool,
+    format: Option<Arc<CompiledFormat>>,
 }
 
 impl NewRequest {
-    /// Whether the request is in JSON mode (the engine then supplies the vocabulary).
-    pub fn wants_json(&self) -> bool {
-        self.json_object
-    }
-
-    /// One sequence per choice; choice `k` samples with seed `seed + k`. `json_vocab` is
-    /// the model's JSON-mode vocabulary, given when [`NewRequest::wants_json`].
-    pub fn into_sequences(
-        self,
-        json_vocab: Option<Arc<super::json_mode::JsonVocab>>,
-    ) -> Vec<Sequence> {
-        let json = json_vocab
-            .filter(|_| self.json_object)
-            .map(super::json_mode::JsonConstraint::new);
+    /// One sequence per choice; choice `k` samples with seed `seed + k` and has its own
+    /// grammar state.
+    pub fn into_sequences(self) -> Vec<Sequence> {
         (0..self.n)
             .map(|k| {
                 let mut params = self.sampling.clone();
@@ -114,7 +104,7 @@ impl NewRequest {
                         .collect(),
                     min_tokens: self.min_tokens,
                     logit_bias: self.logit_bias.clone(),
-                    json: json.clone(),
+                    constraint: self.format.as_ref().map(|f| f.start()),
                     order: 0,
                     last_token: None,
                 }
@@ -151,7 +141,7 @@ impl Waiting {
             stop: r.stop,
             min_tokens: r.min_tokens,
             logit_bias: r.logit_bias,
-            json_object: r.json_object,
+            format: r.format,
         })
     }
 
@@ -200,8 +190,8 @@ pub(super) struct Sequence {
     stop_ids: Vec<u32>,
     min_tokens: usize,
     logit_bias: Vec<(u32, f32)>,
-    /// JSON mode's state, when on.
-    json: Option<super::json_mode::JsonConstraint>,
+    /// `response_format`'s grammar state, when set.
+    constraint: Option<Constraint>,
     /// Admission order; the highest is the newest (preempted first).
     pub order: u64,
     last_token: Option<Instant>,
@@ -231,19 +221,19 @@ impl Sequence {
                 }
             }
         }
-        if let Some(json) = &self.json {
+        if let Some(constraint) = &mut self.constraint {
             let by_length = self
                 .stream
                 .config
                 .max_tokens
                 .map_or(usize::MAX, |m| m.saturating_sub(generated));
             let remaining = by_length.min(max_context.saturating_sub(self.tokens.len()));
-            json.mask(&mut row, remaining, &self.stop_ids);
+            constraint.mask(&mut row, remaining, &self.stop_ids);
         }
         let (prompt, output) = self.tokens.split_at(self.prompt_len);
         let sampled = self.sampler.sample(&row, prompt, output)?;
-        if let Some(json) = &mut self.json {
-            json.accept(sampled.token);
+        if let Some(constraint) = &mut self.constraint {
+            constraint.accept(sampled.token, &self.stop_ids);
         }
         self.tokens.push(sampled.token);
         let now = Instant::now();
