@@ -9,10 +9,14 @@
 
 use std::process::Command;
 
-/// Keep buffers up to 32 MiB (glibc's maximum) on the heap and never trim it.
-pub const MALLOC_ENV: [(&str, &str); 2] = [
+/// Keep buffers up to 32 MiB (glibc's maximum) on the heap and never trim it, and back the
+/// heap with transparent huge pages (`madvise`; hosts default THP to `madvise` mode): a decode
+/// step streams every weight once, and with 4 KiB pages the TLB misses cap that read well
+/// below the memory bandwidth (`small`, batch-1 decode: 27 → 31 tok/s).
+pub const MALLOC_ENV: [(&str, &str); 3] = [
     ("MALLOC_MMAP_THRESHOLD_", "33554432"),
     ("MALLOC_TRIM_THRESHOLD_", "17179869184"),
+    ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),
 ];
 
 /// Marker that the current process already runs with [`MALLOC_ENV`].
