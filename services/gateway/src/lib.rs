@@ -11,6 +11,7 @@
 //! - [`serve`]: what `main`, `lmforge up` and the tests call.
 
 pub mod cache;
+pub mod classifier;
 pub mod config;
 pub mod error;
 pub mod filter;

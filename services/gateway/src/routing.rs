@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::classifier::RouteClassifier;
 use crate::error::GatewayError;
 use crate::filter::{FilterPolicy, FilterSpec};
 
@@ -107,6 +108,17 @@ pub struct AutoSpec {
     /// Any of these → small, unless a large keyword also matches.
     #[serde(default)]
     pub small_keywords: Vec<String>,
+    /// Labelled examples (JSON lines `{"text", "label": "small" | "large"}`, relative to the
+    /// routing file) for a classifier trained at load ([`crate::classifier`]); requests it
+    /// scores at or above `classifier_threshold` go to the large model.
+    #[serde(default)]
+    pub classifier_examples: Option<PathBuf>,
+    #[serde(default = "default_threshold")]
+    pub classifier_threshold: f32,
+}
+
+fn default_threshold() -> f32 {
+    0.5
 }
 
 fn default_small_chars() -> usize {
@@ -159,9 +171,11 @@ struct CompiledRule {
 /// A loaded, validated routing file.
 pub struct Routing {
     pub spec: RoutingSpec,
+    /// Of the file and the classifier's examples: a change to either reloads.
     pub sha256: String,
     rules: Vec<CompiledRule>,
     filters: HashMap<String, Arc<FilterPolicy>>,
+    classifier: Option<Arc<RouteClassifier>>,
 }
 
 impl std::fmt::Debug for Routing {
@@ -179,8 +193,14 @@ impl Default for Routing {
 }
 
 impl Routing {
-    /// Parses and validates a routing file.
+    /// Parses and validates a routing file; relative paths in it are taken from the
+    /// current directory.
     pub fn parse(source: &str) -> Result<Self, GatewayError> {
+        Self::parse_in(source, None)
+    }
+
+    /// Parses and validates a routing file read from `dir`.
+    pub fn parse_in(source: &str, dir: Option<&Path>) -> Result<Self, GatewayError> {
         let spec: RoutingSpec = serde_yaml::from_str(source)
             .map_err(|e| GatewayError::invalid("routing", e.to_string()))?;
         let mut rules = Vec::new();
@@ -238,11 +258,39 @@ impl Routing {
         for (key, filter) in &spec.key_filters {
             known(&Some(filter.clone()), &format!("key_filters.{key}"))?;
         }
+        let mut digest = Sha256::new();
+        digest.update(source.as_bytes());
+        let mut classifier = None;
+        if let Some(auto) = &spec.auto {
+            if !(0.0..=1.0).contains(&auto.classifier_threshold) {
+                return Err(GatewayError::invalid(
+                    "auto.classifier_threshold",
+                    "must be in [0, 1]",
+                ));
+            }
+            if let Some(examples) = &auto.classifier_examples {
+                let field = "auto.classifier_examples";
+                let path = dir.map_or_else(|| examples.clone(), |d| d.join(examples));
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    GatewayError::invalid(field, format!("cannot read {}: {e}", path.display()))
+                })?;
+                digest.update(text.as_bytes());
+                let trained = RouteClassifier::from_jsonl(&text, field)?;
+                tracing::info!(
+                    examples = trained.examples,
+                    large = trained.large_examples,
+                    train_accuracy = trained.train_accuracy,
+                    "auto-routing classifier trained"
+                );
+                classifier = Some(Arc::new(trained));
+            }
+        }
         Ok(Self {
-            sha256: hex::encode(Sha256::digest(source.as_bytes())),
+            sha256: hex::encode(digest.finalize()),
             spec,
             rules,
             filters,
+            classifier,
         })
     }
 
@@ -316,6 +364,11 @@ impl Routing {
                     .large_keywords
                     .iter()
                     .any(|k| lower.contains(&k.to_lowercase()));
+            let large = large
+                || self
+                    .classifier
+                    .as_ref()
+                    .is_some_and(|c| c.p_large(text) >= auto.classifier_threshold);
             let small_hint = auto
                 .small_keywords
                 .iter()
@@ -434,7 +487,7 @@ fn read(path: &Path) -> Result<Routing, GatewayError> {
             format!("cannot read {}: {e}", path.display()),
         )
     })?;
-    Routing::parse(&text)
+    Routing::parse_in(&text, path.parent())
 }
 
 #[cfg(test)]
@@ -518,13 +571,85 @@ filters:
 
     #[test]
     fn the_shipped_example_is_valid() {
-        let example = include_str!("../../../scripts/gateway/routing.example.yaml");
-        let r = Routing::parse(example).expect("the example parses");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/gateway");
+        let example = std::fs::read_to_string(dir.join("routing.example.yaml")).expect("read");
+        let r = Routing::parse_in(&example, Some(&dir)).expect("the example parses");
         let d = r
             .decide("auto", "please analyze my portfolio", 27, "k")
             .expect("route");
         assert_eq!(d.route, "auto:large");
         assert!(d.filter.is_some());
+        // No keyword and short: the classifier trained on the shipped examples decides.
+        for (text, route) in [
+            ("write a plan to pay off my car loan early", "auto:large"),
+            ("请帮我详细比较两种保险", "auto:large"),
+            ("my card is blocked", "auto:small"),
+        ] {
+            let d = r
+                .decide("auto", text, text.chars().count(), "k")
+                .expect("route");
+            assert_eq!(d.route, route, "{text}");
+        }
+    }
+
+    #[test]
+    fn the_classifier_routes_what_keywords_and_length_miss() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let examples = [
+            ("hi", "small"),
+            ("thanks", "small"),
+            ("reset my password", "small"),
+            ("opening hours", "small"),
+            ("explain the risks of this fund in detail", "large"),
+            ("write a detailed plan for my retirement savings", "large"),
+            ("explain step by step how compound interest works", "large"),
+            ("write a detailed comparison of two pension plans", "large"),
+        ];
+        let lines: String = examples
+            .iter()
+            .map(|(t, l)| format!("{}\n", serde_json::json!({"text": t, "label": l})))
+            .collect();
+        std::fs::write(dir.path().join("ex.jsonl"), lines).expect("write");
+        let yaml = "auto:\n  small: s\n  large: l\n  classifier_examples: ex.jsonl\n";
+        let r = Routing::parse_in(yaml, Some(dir.path())).expect("valid");
+        let text = "write a detailed explanation of my fund fees";
+        assert_eq!(
+            r.decide("auto", text, 43, "k").expect("route").route,
+            "auto:large"
+        );
+        assert_eq!(
+            r.decide("auto", "hi there", 8, "k").expect("route").route,
+            "auto:small"
+        );
+        // Without the classifier the same request stays small (no keyword, short).
+        let plain = Routing::parse("auto:\n  small: s\n  large: l\n").expect("valid");
+        assert_eq!(
+            plain.decide("auto", text, 43, "k").expect("route").route,
+            "auto:small"
+        );
+        // A missing file or threshold out of range names the field.
+        let err = Routing::parse_in(
+            yaml.replace("ex.jsonl", "nope.jsonl").as_str(),
+            Some(dir.path()),
+        )
+        .expect_err("missing");
+        assert_eq!(err.param(), Some("auto.classifier_examples"));
+        let err = Routing::parse("auto:\n  small: s\n  large: l\n  classifier_threshold: 2\n")
+            .expect_err("threshold");
+        assert_eq!(err.param(), Some("auto.classifier_threshold"));
+        // The examples are part of the digest: changing them is a change to reload.
+        std::fs::write(
+            dir.path().join("ex.jsonl"),
+            format!(
+                "{}\n{}\n",
+                serde_json::json!({"text": "a", "label": "small"}),
+                serde_json::json!({"text": "b", "label": "large"})
+            )
+            .repeat(2),
+        )
+        .expect("write");
+        let again = Routing::parse_in(yaml, Some(dir.path())).expect("valid");
+        assert_ne!(again.sha256, r.sha256);
     }
 
     #[tokio::test]
