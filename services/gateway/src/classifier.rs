@@ -68,7 +68,10 @@ fn features(text: &str) -> Vec<(usize, f32)> {
     let mut features: Vec<(usize, f32)> = buckets.into_iter().map(|b| (b, value)).collect();
     // Length on a log scale, at full weight: short requests lean small in any language.
     let length_class = usize::BITS - lower.chars().count().leading_zeros();
-    features.push((fnv(length_class.to_le_bytes(), 0x1e) as usize % BUCKETS, 1.0));
+    features.push((
+        fnv(length_class.to_le_bytes(), 0x1e) as usize % BUCKETS,
+        1.0,
+    ));
     features
 }
 
