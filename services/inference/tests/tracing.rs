@@ -71,8 +71,18 @@ async fn engine_steps_link_to_the_requests_they_serve() {
         drop(span);
     }
     handle.shutdown();
-    let _ = provider.force_flush();
-    let spans = exporter.get_finished_spans().expect("spans");
+    // The last step's span closes on the engine thread after it sent the final event: wait
+    // for it rather than racing it.
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let spans = loop {
+        let _ = provider.force_flush();
+        let spans = exporter.get_finished_spans().expect("spans");
+        let steps = spans.iter().filter(|s| s.name == "engine.step").count();
+        if steps >= 4 || Instant::now() > deadline {
+            break spans;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     let steps: Vec<_> = spans.iter().filter(|s| s.name == "engine.step").collect();
     assert!(steps.len() >= 4, "one span per step: {}", steps.len());
     for id in &ids {
