@@ -29,9 +29,20 @@ pub fn reexec_with_tuned_malloc() -> Option<i32> {
         return None;
     }
     let exe = std::env::current_exe().ok()?;
+    let mut env: Vec<(String, String)> = MALLOC_ENV
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    // The operator's own tunables stay; ours are appended.
+    if let Ok(theirs) = std::env::var("GLIBC_TUNABLES")
+        && !theirs.is_empty()
+        && let Some((_, ours)) = env.iter_mut().find(|(k, _)| k == "GLIBC_TUNABLES")
+    {
+        *ours = format!("{theirs}:{ours}");
+    }
     let status = Command::new(exe)
         .args(std::env::args_os().skip(1))
-        .envs(MALLOC_ENV)
+        .envs(env)
         .env(TUNED_MARKER, "1")
         .status()
         .ok()?;

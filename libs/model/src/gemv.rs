@@ -129,7 +129,9 @@ impl pulp::WithSimd for Rows<'_> {
 pub fn matmul_t_small(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let (n, k) = x.dims2()?;
     let (out, k2) = w.dims2()?;
-    if n > MAX_ROWS
+    if n == 0
+        || out == 0
+        || n > MAX_ROWS
         || k != k2
         || x.dtype() != DType::F32
         || w.dtype() != DType::F32

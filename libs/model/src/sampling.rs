@@ -196,6 +196,13 @@ impl Sampler {
         if logits.is_empty() {
             return Err(ModelError::input("logits", "empty row"));
         }
+        if !logits.iter().any(|x| x.is_finite()) {
+            return Err(ModelError::input(
+                "logits",
+                "every token is masked (the output constraint, stop tokens and min_tokens \
+                 leave nothing to sample)",
+            ));
+        }
         let logp = log_softmax(logits);
         let mut adjusted = logits.to_vec();
         apply_penalties(&mut adjusted, &self.params, prompt, output);

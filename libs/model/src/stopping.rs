@@ -104,6 +104,15 @@ impl StreamState {
         })
     }
 
+    /// End the stream without another token (a grammar that is complete): release what was
+    /// held and report `reason`.
+    pub fn end(&mut self, reason: FinishReason) -> StreamStep {
+        if self.done {
+            return StreamStep::default();
+        }
+        self.finish(reason)
+    }
+
     /// End the stream: release what was held and report `reason`.
     fn finish(&mut self, reason: FinishReason) -> StreamStep {
         self.done = true;

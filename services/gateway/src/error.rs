@@ -104,11 +104,12 @@ impl GatewayError {
                     .and_then(|b| b.field_violations.into_iter().next())
                     .map(|v| v.field)
                     .unwrap_or_default();
-                // Inference names sampling fields `sampling.<OpenAI name>`.
+                // Inference names sampling fields `sampling.<OpenAI name>`; its other field
+                // names (`chat`, `prompt`, …) are not the client's, so they are left out.
                 let param = param
                     .strip_prefix("sampling.")
                     .map(str::to_owned)
-                    .unwrap_or(param);
+                    .unwrap_or_default();
                 let message = status.message();
                 let message = message.strip_prefix("sampling.").unwrap_or(message);
                 Self::invalid(param, message.to_owned())

@@ -201,8 +201,8 @@ impl Routing {
 
     /// Parses and validates a routing file read from `dir`.
     pub fn parse_in(source: &str, dir: Option<&Path>) -> Result<Self, GatewayError> {
-        let spec: RoutingSpec = serde_yaml::from_str(source)
-            .map_err(|e| GatewayError::invalid("routing", e.to_string()))?;
+        let spec = parse_spec(source)?;
+        let (sha256, examples) = digest(source, &spec, dir)?;
         let mut rules = Vec::new();
         for (i, rule) in spec.rules.iter().enumerate() {
             let field = format!("rules[{i}]");
@@ -258,8 +258,6 @@ impl Routing {
         for (key, filter) in &spec.key_filters {
             known(&Some(filter.clone()), &format!("key_filters.{key}"))?;
         }
-        let mut digest = Sha256::new();
-        digest.update(source.as_bytes());
         let mut classifier = None;
         if let Some(auto) = &spec.auto {
             if !(0.0..=1.0).contains(&auto.classifier_threshold) {
@@ -268,14 +266,8 @@ impl Routing {
                     "must be in [0, 1]",
                 ));
             }
-            if let Some(examples) = &auto.classifier_examples {
-                let field = "auto.classifier_examples";
-                let path = dir.map_or_else(|| examples.clone(), |d| d.join(examples));
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    GatewayError::invalid(field, format!("cannot read {}: {e}", path.display()))
-                })?;
-                digest.update(text.as_bytes());
-                let trained = RouteClassifier::from_jsonl(&text, field)?;
+            if let Some(text) = examples {
+                let trained = RouteClassifier::from_jsonl(&text, CLASSIFIER_FIELD)?;
                 tracing::info!(
                     examples = trained.examples,
                     large = trained.large_examples,
@@ -286,7 +278,7 @@ impl Routing {
             }
         }
         Ok(Self {
-            sha256: hex::encode(digest.finalize()),
+            sha256,
             spec,
             rules,
             filters,
@@ -447,8 +439,15 @@ impl RoutingTable {
         let Some(path) = &self.source else {
             return Ok((self.get(), false));
         };
-        let routing = Arc::new(read(path)?);
-        let changed = routing.sha256 != self.get().sha256;
+        // Compare digests before compiling: polling must not retrain the classifier.
+        let source = read_source(path)?;
+        let (sha256, _) = digest(&source, &parse_spec(&source)?, path.parent())?;
+        let current = self.get();
+        if sha256 == current.sha256 {
+            return Ok((current, false));
+        }
+        let routing = Arc::new(Routing::parse_in(&source, path.parent())?);
+        let changed = routing.sha256 != current.sha256;
         if changed && !dry_run {
             *self
                 .current
@@ -473,21 +472,66 @@ impl RoutingTable {
                 () = &mut stop => return,
                 _ = ticker.tick() => {}
             }
-            if let Err(error) = self.reload(false) {
-                tracing::warn!(%error, "routing file invalid, keeping the rules in effect");
+            // Reading files and training the classifier block: off the async workers.
+            let table = self.clone();
+            match tokio::task::spawn_blocking(move || table.reload(false)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "routing file invalid, keeping the rules in effect");
+                }
+                Err(error) => tracing::warn!(%error, "routing reload task failed"),
             }
         }
     }
 }
 
-fn read(path: &Path) -> Result<Routing, GatewayError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+const CLASSIFIER_FIELD: &str = "auto.classifier_examples";
+
+fn parse_spec(source: &str) -> Result<RoutingSpec, GatewayError> {
+    serde_yaml::from_str(source).map_err(|e| GatewayError::invalid("routing", e.to_string()))
+}
+
+/// SHA-256 of the file and of the classifier's examples (so a change to either reloads),
+/// and the examples' text.
+fn digest(
+    source: &str,
+    spec: &RoutingSpec,
+    dir: Option<&Path>,
+) -> Result<(String, Option<String>), GatewayError> {
+    let mut digest = Sha256::new();
+    digest.update(source.as_bytes());
+    let examples = match spec
+        .auto
+        .as_ref()
+        .and_then(|a| a.classifier_examples.as_ref())
+    {
+        Some(examples) => {
+            let path = dir.map_or_else(|| examples.clone(), |d| d.join(examples));
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                GatewayError::invalid(
+                    CLASSIFIER_FIELD,
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            digest.update(text.as_bytes());
+            Some(text)
+        }
+        None => None,
+    };
+    Ok((hex::encode(digest.finalize()), examples))
+}
+
+fn read_source(path: &Path) -> Result<String, GatewayError> {
+    std::fs::read_to_string(path).map_err(|e| {
         GatewayError::invalid(
             "routing_file",
             format!("cannot read {}: {e}", path.display()),
         )
-    })?;
-    Routing::parse_in(&text, path.parent())
+    })
+}
+
+fn read(path: &Path) -> Result<Routing, GatewayError> {
+    Routing::parse_in(&read_source(path)?, path.parent())
 }
 
 #[cfg(test)]
@@ -637,7 +681,13 @@ filters:
         let err = Routing::parse("auto:\n  small: s\n  large: l\n  classifier_threshold: 2\n")
             .expect_err("threshold");
         assert_eq!(err.param(), Some("auto.classifier_threshold"));
-        // The examples are part of the digest: changing them is a change to reload.
+        // Polling an unchanged file keeps the compiled rules (no retraining); a change to the
+        // examples alone is a change to reload.
+        std::fs::write(dir.path().join("routing.yaml"), yaml).expect("write");
+        let table = RoutingTable::load(Some(dir.path().join("routing.yaml"))).expect("load");
+        let before = table.get();
+        let (same, changed) = table.reload(false).expect("reload");
+        assert!(!changed && Arc::ptr_eq(&same, &before));
         std::fs::write(
             dir.path().join("ex.jsonl"),
             format!(
@@ -650,6 +700,9 @@ filters:
         .expect("write");
         let again = Routing::parse_in(yaml, Some(dir.path())).expect("valid");
         assert_ne!(again.sha256, r.sha256);
+        let (_, changed) = table.reload(false).expect("reload");
+        assert!(changed);
+        assert_eq!(table.get().sha256, again.sha256);
     }
 
     #[tokio::test]

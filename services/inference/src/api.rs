@@ -125,7 +125,7 @@ fn output_format(
     };
     grammars
         .compile(&wanted)
-        .map(|c| Some(Arc::new(c)))
+        .map(Some)
         .map_err(|e| invalid(&field, e))
 }
 

@@ -474,11 +474,9 @@ async fn json_mode_outputs_always_parse_as_json_objects() {
     let engine = start(EngineConfig::default());
     let tok = TextTokenizer::from_dir(&fixture()).expect("tokenizer");
     let eos = tok.eos_token_id().into_iter().collect::<Vec<_>>();
-    let format = Arc::new(
-        grammars(&tok)
-            .compile(&OutputFormat::JsonObject)
-            .expect("compiles"),
-    );
+    let format = grammars(&tok)
+        .compile(&OutputFormat::JsonObject)
+        .expect("compiles");
     for (i, max_tokens) in [2usize, 3, 8, 20, 40].into_iter().enumerate() {
         for s in 0..3u32 {
             let mut r = request(
@@ -504,6 +502,57 @@ async fn json_mode_outputs_always_parse_as_json_objects() {
     }
 }
 
+/// A complete constrained output ends its choice even when nothing could stop it otherwise:
+/// no EOS (`ignore_eos`) and `min_tokens` beyond the object; and a row with every token
+/// masked (a stop token the grammar needs) ends the choice with an error, not a panic.
+#[tokio::test]
+async fn complete_outputs_end_without_eos_and_conflicts_fail_cleanly() {
+    let engine = start(EngineConfig::default());
+    let tok = TextTokenizer::from_dir(&fixture()).expect("tokenizer");
+    let format = grammars(&tok)
+        .compile(&OutputFormat::JsonObject)
+        .expect("compiles");
+    for s in 0..3u32 {
+        let mut r = request(&format!("noeos-{s}"), prompt(s, 6), 40, sampling(s + 1));
+        r.format = Some(format.clone());
+        r.stop.eos_token_ids = vec![];
+        r.min_tokens = 39;
+        let (tokens, finish, _) = collect(engine.submit(r).expect("submit"), 1).await;
+        let text = tok.inner.decode(&tokens[0], true).expect("decode");
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| v.is_object()),
+            "{text:?}"
+        );
+        // Ended by the grammar, unless it closed on the very last token allowed.
+        match finish[0] {
+            Finish::Stop { .. } => assert!(tokens[0].len() < 40),
+            Finish::Length => assert_eq!(tokens[0].len(), 40),
+            ref other => panic!("{other:?}"),
+        }
+    }
+    // `{` as a stop token: the grammar's only first token is never allowed.
+    let open = tok.token_id("{").expect("`{` is a token");
+    let mut r = request("conflict", prompt(1, 6), 10, SamplingParams::greedy());
+    r.format = Some(format.clone());
+    r.stop.stop_token_ids = vec![open];
+    let (tokens, finish, _) = collect(engine.submit(r).expect("submit"), 1).await;
+    assert!(tokens[0].is_empty());
+    assert!(
+        matches!(&finish[0], Finish::Error(e) if e.contains("every token is masked")),
+        "{:?}",
+        finish[0]
+    );
+    // The engine is still serving.
+    let (tokens, _, _) = collect(
+        engine
+            .submit(request("after", prompt(2, 6), 3, SamplingParams::greedy()))
+            .expect("submit"),
+        1,
+    )
+    .await;
+    assert_eq!(tokens[0].len(), 3);
+}
+
 /// Structured output: a random model's every choice is valid under the schema.
 #[tokio::test]
 async fn json_schema_outputs_follow_the_schema() {
@@ -519,11 +568,9 @@ async fn json_schema_outputs_follow_the_schema() {
         "required": ["city", "rating", "stars"],
         "additionalProperties": false,
     });
-    let format = Arc::new(
-        grammars(&tok)
-            .compile(&OutputFormat::JsonSchema(schema))
-            .expect("compiles"),
-    );
+    let format = grammars(&tok)
+        .compile(&OutputFormat::JsonSchema(schema))
+        .expect("compiles");
     for s in 0..4u32 {
         let mut r = request(&format!("schema-{s}"), prompt(s, 6), 200, sampling(s + 1));
         r.format = Some(format.clone());

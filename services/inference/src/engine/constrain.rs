@@ -42,9 +42,13 @@ fn compile_options() -> serde_json::Value {
     })
 }
 
-/// The model's vocabulary as llguidance sees it.
+/// Compiled formats kept per model, by schema text: a service sends the same few schemas.
+const COMPILED_CACHE: u64 = 64;
+
+/// The model's vocabulary as llguidance sees it, and the formats compiled for it lately.
 pub struct Grammars {
     factory: ParserFactory,
+    compiled: moka::sync::Cache<String, Arc<CompiledFormat>>,
 }
 
 impl std::fmt::Debug for Grammars {
@@ -96,15 +100,19 @@ impl Grammars {
         let env: TokEnv = Arc::new(ApproximateTokEnv::new(TokTrie::from(&info, &words)));
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
         factory.quiet();
-        Ok(Self { factory })
+        Ok(Self {
+            factory,
+            compiled: moka::sync::Cache::new(COMPILED_CACHE),
+        })
     }
 
     fn trie(&self) -> &TokTrie {
         self.factory.tok_env().tok_trie()
     }
 
-    /// Compiles `format`; the error says what is wrong with a schema.
-    pub fn compile(self: &Arc<Self>, format: &OutputFormat) -> Result<CompiledFormat, String> {
+    /// Compiles `format` (or takes it from the cache); the error says what is wrong with a
+    /// schema.
+    pub fn compile(self: &Arc<Self>, format: &OutputFormat) -> Result<Arc<CompiledFormat>, String> {
         let (mut schema, guard) = match format {
             OutputFormat::JsonObject => (serde_json::json!({"type": "object"}), true),
             OutputFormat::JsonSchema(schema) => (schema.clone(), false),
@@ -113,15 +121,21 @@ impl Grammars {
             return Err("a JSON schema must be a JSON object".into());
         };
         object.entry("x-guidance").or_insert_with(compile_options);
+        let key = format!("{guard}:{schema}");
+        if let Some(hit) = self.compiled.get(&key) {
+            return Ok(hit);
+        }
         let parser = self
             .factory
             .create_parser(TopLevelGrammar::from_json_schema(schema))
             .map_err(|e| e.to_string())?;
-        Ok(CompiledFormat {
+        let compiled = Arc::new(CompiledFormat {
             grammars: self.clone(),
             parser,
             guard,
-        })
+        });
+        self.compiled.insert(key, compiled.clone());
+        Ok(compiled)
     }
 }
 
@@ -227,6 +241,11 @@ impl Constraint {
         }
     }
 
+    /// Whether the output is complete and nothing may follow it (the sequence ends here).
+    pub fn is_complete(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+
     /// Advances past the sampled token (a stop token ends the sequence instead).
     pub fn accept(&mut self, token: u32, stop_ids: &[u32]) {
         if stop_ids.contains(&token) {
@@ -235,10 +254,10 @@ impl Constraint {
         if let Err(e) = self.matcher.consume_token(token) {
             tracing::warn!(token, error = %e, "the grammar refused a sampled token");
         }
-        if let Some(state) = &mut self.guard
-            && let Some(next) = state.feed_all(self.grammars.trie().token(token))
-        {
-            *state = next;
+        if let Some(state) = self.guard {
+            // A token the guard cannot follow (only when it had to let one through) ends
+            // the guard rather than leave it counting from a stale state.
+            self.guard = state.feed_all(self.grammars.trie().token(token));
         }
     }
 }

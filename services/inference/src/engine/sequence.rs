@@ -243,7 +243,14 @@ impl Sequence {
         }
         self.last_token = Some(now);
         metrics::generated(label);
-        let step = self.stream.push(sampled.token, tokenizer)?;
+        let mut step = self.stream.push(sampled.token, tokenizer)?;
+        // A complete constrained output ends the choice at once, as EOS would (min_tokens
+        // cannot extend it, and the model need not be asked for the EOS).
+        if step.finished.is_none() && self.constraint.as_ref().is_some_and(|c| c.is_complete()) {
+            let rest = self.stream.end(FinishReason::Eos);
+            step.text.push_str(&rest.text);
+            step.finished = rest.finished;
+        }
         self.request.send(Event::Token {
             choice: self.choice,
             id: sampled.token,
