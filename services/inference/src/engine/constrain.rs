@@ -21,7 +21,7 @@ use llguidance::{Matcher, ParserFactory, TokenParser};
 use lmforge_model::tokenizer::TextTokenizer;
 use toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
 
-use super::json_mode::JsonState;
+use super::json_mode::{JsonState, MAX_COST_PER_BYTE};
 
 /// What a request's output must be.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +49,9 @@ const COMPILED_CACHE: u64 = 64;
 pub struct Grammars {
     factory: ParserFactory,
     compiled: moka::sync::Cache<String, Arc<CompiledFormat>>,
+    /// Per token: every byte is printable ASCII other than `"` and `\`, so inside a JSON
+    /// string it leaves the closing cost unchanged (the length guard's fast path).
+    plain: Vec<bool>,
 }
 
 impl std::fmt::Debug for Grammars {
@@ -96,6 +99,14 @@ impl Grammars {
             }
         }
         words.extend((words.len()..size).map(placeholder));
+        let plain = words
+            .iter()
+            .map(|w| {
+                !w.is_empty()
+                    && w.iter()
+                        .all(|&b| (0x20..0x7F).contains(&b) && b != b'"' && b != b'\\')
+            })
+            .collect();
         let info = TokRxInfo::new(size as u32, eos);
         let env: TokEnv = Arc::new(ApproximateTokEnv::new(TokTrie::from(&info, &words)));
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
@@ -103,6 +114,7 @@ impl Grammars {
         Ok(Self {
             factory,
             compiled: moka::sync::Cache::new(COMPILED_CACHE),
+            plain,
         })
     }
 
@@ -209,6 +221,8 @@ impl Constraint {
         let trie = self.grammars.trie();
         let complete = allowed.is_allowed(trie.eos_token());
         let budget = remaining.saturating_sub(1);
+        let cost = self.guard.map(|s| s.bytes_to_close());
+        let plain_string = self.guard.is_some_and(|s| s.in_plain_string());
         let keep = |id: usize, within_budget: bool| -> bool {
             let id32 = id as u32;
             if stop_ids.contains(&id32) {
@@ -217,12 +231,20 @@ impl Constraint {
             if id32 == trie.eos_token() || id >= trie.vocab_size() || !allowed.is_allowed(id32) {
                 return false;
             }
-            match (&self.guard, within_budget) {
-                (Some(state), true) => state
-                    .feed_all(trie.token(id32))
-                    .is_some_and(|s| s.bytes_to_close() <= budget),
-                _ => true,
+            let (Some(state), Some(cost), true) = (&self.guard, cost, within_budget) else {
+                return true;
+            };
+            let bytes = trie.token(id32);
+            // One byte raises the closing cost by at most MAX_COST_PER_BYTE, and plain text
+            // inside a string not at all: most tokens pass without running the automaton.
+            if cost + MAX_COST_PER_BYTE * bytes.len() <= budget
+                || (plain_string && self.grammars.plain[id] && cost <= budget)
+            {
+                return true;
             }
+            state
+                .feed_all(bytes)
+                .is_some_and(|s| s.bytes_to_close() <= budget)
         };
         let mut within_budget = true;
         // Nothing closes in time (a budget too small from the start, or other masks removed

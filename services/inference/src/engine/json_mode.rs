@@ -8,6 +8,9 @@
 const MAX_DEPTH: u8 = 64;
 /// Most consecutive whitespace bytes between tokens of the JSON text.
 const MAX_WHITESPACE: u8 = 4;
+/// The most one byte can raise [`JsonState::bytes_to_close`] (after `,` in an object, a key
+/// `"":0` is owed; `f` owes `alse`).
+pub const MAX_COST_PER_BYTE: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Num {
@@ -300,6 +303,19 @@ impl JsonState {
         extra + depth
     }
 
+    /// Inside a string, not in an escape or a multi-byte character: printable ASCII other
+    /// than `"` and `\` leaves the closing cost unchanged.
+    pub fn in_plain_string(&self) -> bool {
+        matches!(
+            self.mode,
+            Mode::Str {
+                escape: 0,
+                utf8: 0,
+                ..
+            }
+        )
+    }
+
     /// Whether the object is complete.
     pub fn is_done(&self) -> bool {
         self.mode == Mode::Done
@@ -360,6 +376,46 @@ mod tests {
             assert_eq!(s.bytes_to_close(), completion.len(), "{prefix}");
             let done = s.feed_all(completion.as_bytes()).expect("completes");
             assert!(done.is_done(), "{prefix}{completion}");
+        }
+    }
+
+    #[test]
+    fn one_byte_raises_the_closing_cost_by_at_most_the_bound() {
+        let prefixes = [
+            "",
+            "{",
+            "{\"",
+            "{\"k\"",
+            "{\"k\":",
+            "{\"k\":[",
+            "{\"k\":[1",
+            "{\"k\":1,",
+            "{\"k\":\"a",
+            "{\"k\":\"\\",
+            "{\"k\":\"\\u0",
+            "{\"k\":-",
+            "{\"k\":1.",
+            "{\"k\":t",
+            "{\"k\":[{}",
+            "{\"k\":[1,",
+        ];
+        for prefix in prefixes {
+            let state = parse(prefix).expect("valid prefix");
+            for b in 0..=255u8 {
+                if let Some(next) = state.feed(b) {
+                    assert!(
+                        next.bytes_to_close() <= state.bytes_to_close() + MAX_COST_PER_BYTE,
+                        "{prefix:?} + {b}"
+                    );
+                    if state.in_plain_string()
+                        && (0x20..0x7F).contains(&b)
+                        && b != b'"'
+                        && b != b'\\'
+                    {
+                        assert_eq!(next.bytes_to_close(), state.bytes_to_close(), "{prefix:?}");
+                    }
+                }
+            }
         }
     }
 }
