@@ -139,6 +139,28 @@ fn has(spans: &[(String, Span)], service: Option<&str>, name: &str, kind: Option
     })
 }
 
+/// A healthy stack on `prefix`'s schemas with an admin key and an artifacts directory,
+/// `adjust`ed; returns it with the directory (kept alive) and the admin key.
+async fn journey_stack(
+    prefix: &str,
+    adjust: impl FnOnce(StackOptions) -> StackOptions,
+) -> (Stack, tempfile::TempDir, String) {
+    let artifacts = tempfile::tempdir().expect("temp dir");
+    let admin_key = format!("lmf_admin_{prefix}");
+    let mut stack = Stack::start(adjust(StackOptions {
+        gateway_admin_key: Some(admin_key.clone()),
+        artifacts: Some(artifacts.path().display().to_string()),
+        ..stack_options(prefix)
+    }))
+    .await
+    .expect("every port binds");
+    stack
+        .wait_healthy(Duration::from_secs(60))
+        .await
+        .expect("every service SERVING (run `make services` if Postgres/NATS are down)");
+    (stack, artifacts, admin_key)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_journey_survives_a_killed_trainer_and_is_traced_end_to_end() {
     let collector = OtlpCollector::start().await;
@@ -148,21 +170,12 @@ async fn the_journey_survives_a_killed_trainer_and_is_traced_end_to_end() {
     let telemetry = lmforge_telemetry::init_with(telemetry).expect("first init in this process");
 
     let prefix = lmforge_e2e::unique_name("journey");
-    let artifacts = tempfile::tempdir().expect("temp dir");
-    let admin_key = format!("lmf_admin_{prefix}");
-    let mut stack = Stack::start(StackOptions {
-        gateway_admin_key: Some(admin_key.clone()),
-        artifacts: Some(artifacts.path().display().to_string()),
+    let (stack, artifacts, admin_key) = journey_stack(&prefix, |o| StackOptions {
         trainer: false,
         jobs_ack_wait: Some(Duration::from_secs(3)),
-        ..stack_options(&prefix)
+        ..o
     })
-    .await
-    .expect("every port binds");
-    stack
-        .wait_healthy(Duration::from_secs(60))
-        .await
-        .expect("every service SERVING (run `make services` if Postgres/NATS are down)");
+    .await;
     let mut victim = spawn_trainer(&stack, "victim", artifacts.path(), &collector.endpoint);
 
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bank-adviser");
@@ -358,19 +371,7 @@ async fn the_journey_survives_a_killed_trainer_and_is_traced_end_to_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_journey_fine_tunes_an_imported_hugging_face_model() {
     let prefix = lmforge_e2e::unique_name("journey_hf");
-    let artifacts = tempfile::tempdir().expect("temp dir");
-    let admin_key = format!("lmf_admin_{prefix}");
-    let mut stack = Stack::start(StackOptions {
-        gateway_admin_key: Some(admin_key.clone()),
-        artifacts: Some(artifacts.path().display().to_string()),
-        ..stack_options(&prefix)
-    })
-    .await
-    .expect("every port binds");
-    stack
-        .wait_healthy(Duration::from_secs(60))
-        .await
-        .expect("every service SERVING");
+    let (stack, _artifacts, admin_key) = journey_stack(&prefix, |o| o).await;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut options = JourneyOptions::tiny(
         root.join("examples/bank-adviser"),

@@ -7,7 +7,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{MockInference, Script, TestGateway, content};
+use common::{MockInference, Script, TestGateway, bearer, content, user_chat};
 use lmforge_proto::v1 as pb;
 use serde_json::json;
 
@@ -207,19 +207,7 @@ async fn chat_completions_auth_and_limits() {
         pb::open_ai_service_client::OpenAiServiceClient::connect(format!("http://{}", gw.grpc))
             .await
             .expect("connect");
-    let mut request = tonic::Request::new(pb::ChatCompletionRequest {
-        model: "tiny".into(),
-        messages: vec![pb::OpenAiChatMessage {
-            role: "user".into(),
-            content: "hi".into(),
-            name: None,
-        }],
-        ..Default::default()
-    });
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {key}").parse().expect("ascii"),
-    );
+    let request = bearer(&key, user_chat("tiny", "hi"));
     let answer = openai
         .create_chat_completion(request)
         .await
@@ -242,26 +230,19 @@ async fn chat_completions_auth_and_limits() {
         assert_eq!(format.r#type, pb::ResponseFormatType::JsonSchema as i32);
         serde_json::from_str::<serde_json::Value>(&format.json_schema).expect("schema JSON")
     };
-    let mut request = tonic::Request::new(pb::ChatCompletionRequest {
-        model: "tiny".into(),
-        messages: vec![pb::OpenAiChatMessage {
-            role: "user".into(),
-            content: "schema".into(),
-            name: None,
-        }],
-        response_format: Some(pb::OpenAiResponseFormat {
-            r#type: "json_schema".into(),
-            json_schema: Some(pb::OpenAiJsonSchema {
-                name: "city".into(),
-                schema: Some(lmforge_proto::json::json_to_struct(&schema)),
-                ..Default::default()
+    let request = bearer(
+        &key,
+        pb::ChatCompletionRequest {
+            response_format: Some(pb::OpenAiResponseFormat {
+                r#type: "json_schema".into(),
+                json_schema: Some(pb::OpenAiJsonSchema {
+                    name: "city".into(),
+                    schema: Some(lmforge_proto::json::json_to_struct(&schema)),
+                    ..Default::default()
+                }),
             }),
-        }),
-        ..Default::default()
-    });
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {key}").parse().expect("ascii"),
+            ..user_chat("tiny", "schema")
+        },
     );
     openai
         .create_chat_completion(request)
@@ -273,22 +254,15 @@ async fn chat_completions_auth_and_limits() {
     let (status, _, answer) = gw.post("/v1/chat/completions", &key, &body).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(sent_format(), schema);
-    let mut request = tonic::Request::new(pb::ChatCompletionRequest {
-        model: "tiny".into(),
-        n: Some(2),
-        messages: vec![pb::OpenAiChatMessage {
-            role: "user".into(),
-            content: "hi".into(),
-            name: None,
-        }],
-        stream_options: Some(pb::StreamOptions {
-            include_usage: true,
-        }),
-        ..Default::default()
-    });
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {key}").parse().expect("ascii"),
+    let request = bearer(
+        &key,
+        pb::ChatCompletionRequest {
+            n: Some(2),
+            stream_options: Some(pb::StreamOptions {
+                include_usage: true,
+            }),
+            ..user_chat("tiny", "hi")
+        },
     );
     let mut chunks = openai
         .stream_chat_completion(request)
@@ -311,14 +285,13 @@ async fn chat_completions_auth_and_limits() {
 
     // The legacy completion stream: text chunks, a finish reason, and a closing chunk with
     // the gateway's metadata even without usage.
-    let mut request = tonic::Request::new(pb::CompletionRequest {
-        model: "tiny".into(),
-        prompt: "hi".into(),
-        ..Default::default()
-    });
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {key}").parse().expect("ascii"),
+    let request = bearer(
+        &key,
+        pb::CompletionRequest {
+            model: "tiny".into(),
+            prompt: "hi".into(),
+            ..Default::default()
+        },
     );
     let chunks: Vec<pb::Completion> = futures::StreamExt::collect::<Vec<_>>(
         openai
@@ -420,11 +393,7 @@ async fn rate_limits_answer_429_and_revoked_keys_401() {
             .is_some_and(|m| m.contains("revoked"))
     );
     // Only admins administer.
-    let mut request = tonic::Request::new(pb::ListApiKeysRequest::default());
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {limited}").parse().expect("ascii"),
-    );
+    let request = bearer(&limited, pb::ListApiKeysRequest::default());
     assert_eq!(
         admin
             .list_api_keys(request)

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{MockInference, Script, TestGateway};
+use common::{MockInference, Script, TestGateway, bearer, user_chat};
 use lmforge_proto::v1 as pb;
 use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider};
 use opentelemetry::{KeyValue, Value};
@@ -224,23 +224,10 @@ async fn an_http_request_is_one_trace_through_inference() {
         pb::open_ai_service_client::OpenAiServiceClient::connect(format!("http://{}", gw.grpc))
             .await
             .expect("connect");
-    let mut request = tonic::Request::new(pb::ChatCompletionRequest {
-        model: "tiny".into(),
-        messages: vec![pb::OpenAiChatMessage {
-            role: "user".into(),
-            content: "six".into(),
-            name: None,
-        }],
-        ..Default::default()
-    });
-    for (name, value) in [
-        ("authorization", format!("Bearer {key}")),
-        ("traceparent", CLIENT_GRPC.to_owned()),
-    ] {
-        request
-            .metadata_mut()
-            .insert(name, value.parse().expect("ascii"));
-    }
+    let mut request = bearer(&key, user_chat("tiny", "six"));
+    request
+        .metadata_mut()
+        .insert("traceparent", CLIENT_GRPC.parse().expect("ascii"));
     openai
         .create_chat_completion(request)
         .await

@@ -375,12 +375,7 @@ impl TestGateway {
 
     /// `request` with the admin key.
     pub fn authed<T>(&self, request: T) -> Request<T> {
-        let mut request = Request::new(request);
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {}", self.admin_key).parse().expect("ascii"),
-        );
-        request
+        bearer(&self.admin_key, request)
     }
 
     /// Creates a key; returns (id, secret).
@@ -461,6 +456,29 @@ impl TestGateway {
 }
 
 /// The chat content of a (non-streamed) answer's choice `i`.
+/// A gRPC request carrying `authorization: Bearer <key>`.
+pub fn bearer<T>(key: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("ascii"),
+    );
+    request
+}
+
+/// A gRPC chat request of one user turn.
+pub fn user_chat(model: &str, content: &str) -> pb::ChatCompletionRequest {
+    pb::ChatCompletionRequest {
+        model: model.into(),
+        messages: vec![pb::OpenAiChatMessage {
+            role: "user".into(),
+            content: content.into(),
+            name: None,
+        }],
+        ..Default::default()
+    }
+}
+
 pub fn content(body: &serde_json::Value, i: usize) -> String {
     body["choices"][i]["message"]["content"]
         .as_str()
