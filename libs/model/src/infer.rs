@@ -25,7 +25,7 @@ impl Model {
     /// Run the batch, write the new keys/values to `cache`, and return the logits of each
     /// sequence's last new token, `[num_seqs, vocab]` (f32).
     ///
-    /// The forward runs on a rayon worker: each decode GEMV ([`crate::gemv`]) then keeps one
+    /// The forward runs on a rayon worker: each packed product ([`crate::packed`]) then keeps one
     /// share of its rows on the current worker and hands the rest to the others, instead of
     /// the caller blocking while every worker is woken for every one of the ~200 products of
     /// a step (about 20% of a `small` batch-1 decode step).

@@ -7,8 +7,8 @@
 //!   forward (fused softmax/rope with hand-written backward).
 //! - [`loss`]: masked causal-LM cross-entropy.
 //! - [`optim`], [`train`]: AdamW, schedules, clipping, accumulation, resumable checkpoints.
-//! - [`kv_cache`], [`infer`], [`gemv`]: paged KV cache, the continuous-batching forward, and
-//!   its bandwidth-bound decode matmuls.
+//! - [`kv_cache`], [`infer`], [`packed`]: paged KV cache, the continuous-batching forward, and
+//!   the packed weights of its decode-step products.
 //! - [`sampling`], [`stopping`]: per-request samplers; stop checks and streaming detokenizer.
 //! - [`tokenizer`], [`chat`]: HF tokenizers, BPE training, chat templates, label masks.
 //! - [`lora`]: PEFT-compatible LoRA adapters; [`quant`]: q8_0 serving weights.
@@ -19,7 +19,6 @@ pub mod alloc_tuning;
 pub mod chat;
 pub mod config;
 pub mod error;
-pub mod gemv;
 pub mod hf;
 pub mod infer;
 pub mod kv_cache;
@@ -29,6 +28,7 @@ pub mod loss;
 mod mmap;
 pub mod model;
 pub mod optim;
+pub mod packed;
 pub mod quant;
 pub mod rng;
 pub mod sampling;

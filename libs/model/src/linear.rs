@@ -29,8 +29,9 @@ pub struct Proj {
     pub lora: Option<LoraAdapter>,
     /// When set, serving uses this instead of `weight` (q8_0 weights).
     pub quantized: Option<std::sync::Arc<QMatMul>>,
-    /// Whether serving may use the rayon [`crate::gemv`] path for small batches.
-    pub serving_gemv: bool,
+    /// `weight` packed for the serving forward's small products (see [`crate::packed`]),
+    /// set by [`crate::Model::pack_for_serving`].
+    pub packed: Option<std::sync::Arc<crate::packed::PackedWeight>>,
 }
 
 /// Inverted dropout with a mask drawn from `rng`: each element is zeroed with probability `p`
@@ -72,7 +73,7 @@ impl Proj {
             bias,
             lora: None,
             quantized: None,
-            serving_gemv: true,
+            packed: None,
         }
     }
 
@@ -81,17 +82,23 @@ impl Proj {
         self.apply(x, rng, false)
     }
 
-    /// Apply the projection for serving: `x` is `[n, in]`; small `n` (decode steps) takes
-    /// the bandwidth-bound [`crate::gemv`] path. Records no gradient.
+    /// Apply the projection for serving: `x` is `[n, in]`; up to [`crate::packed::MAX_ROWS`]
+    /// rows (decode steps) use the packed weight when there is one. Records no gradient.
     pub fn forward_serving(&self, x: &Tensor) -> Result<Tensor> {
         self.apply(x, None, true)
     }
 
     fn apply(&self, x: &Tensor, rng: Option<&mut Rng>, serving: bool) -> Result<Tensor> {
-        let small = if serving && self.serving_gemv && self.quantized.is_none() && x.rank() == 2 {
-            crate::gemv::matmul_t_small(x, &self.weight)?
-        } else {
-            None
+        let small = match &self.packed {
+            Some(p)
+                if serving
+                    && self.quantized.is_none()
+                    && x.rank() == 2
+                    && x.dim(0)? <= crate::packed::MAX_ROWS =>
+            {
+                Some(p.matmul_t(x)?)
+            }
+            _ => None,
         };
         let mut y = match (&self.quantized, small) {
             (_, Some(y)) => y,

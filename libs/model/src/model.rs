@@ -217,6 +217,18 @@ impl Model {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        train: Option<(f32, &mut Rng)>,
+    ) -> Result<Tensor> {
+        let x = self.forward_train_hidden(input_ids, attention_mask, train)?;
+        self.lm_head.forward(&x, None)
+    }
+
+    /// [`Self::forward_train`] up to the LM head: the final-normed hidden states `[b, t,
+    /// hidden]`.
+    pub fn forward_train_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
         mut train: Option<(f32, &mut Rng)>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
@@ -281,7 +293,6 @@ impl Model {
             }
             x = (x + m)?;
         }
-        let x = rms_norm_train(&x, &self.norm, cfg.rms_norm_eps)?;
-        self.lm_head.forward(&x, None)
+        rms_norm_train(&x, &self.norm, cfg.rms_norm_eps)
     }
 }

@@ -125,6 +125,11 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = &grads[i] else { continue };
+            if var.dtype() == DType::F32 && var.device().is_cpu() {
+                let (m, v) = self.fused_cpu(var, g, lr, bc1, bc2, i)?;
+                (self.m[i], self.v[i]) = (m, v);
+                continue;
+            }
             let g = g.to_dtype(DType::F32)?;
             self.m[i] = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             self.v[i] = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
@@ -140,6 +145,61 @@ impl AdamW {
             var.set(&(decayed - (update * lr)?)?)?;
         }
         Ok(())
+    }
+}
+
+impl AdamW {
+    /// [`AdamW::step`] for one f32 CPU var in one pass over its elements (the tensor form
+    /// makes a dozen full-size temporaries per var: 7 GB of memory traffic per step for a
+    /// 135M-parameter model). Same formula, same f32 arithmetic.
+    fn fused_cpu(
+        &self,
+        var: &Var,
+        g: &Tensor,
+        lr: f64,
+        bc1: f64,
+        bc2: f64,
+        i: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        use rayon::prelude::*;
+        let c = &self.config;
+        let shape = var.shape().clone();
+        let flat = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let (g, mut m, mut v, mut p) = (
+            flat(g)?,
+            flat(&self.m[i])?,
+            flat(&self.v[i])?,
+            flat(var.as_tensor())?,
+        );
+        let decay = if c.weight_decay > 0.0 && shape.rank() >= 2 {
+            (1.0 - lr * c.weight_decay) as f32
+        } else {
+            1.0
+        };
+        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+        let (nb1, nb2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
+        let (bc1, bc2, eps, lr) = (bc1 as f32, bc2 as f32, c.eps as f32, lr as f32);
+        const CHUNK: usize = 1 << 14;
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for j in 0..p.len() {
+                    m[j] = m[j] * b1 + g[j] * nb1;
+                    v[j] = v[j] * b2 + (g[j] * g[j]) * nb2;
+                    let update = (m[j] / bc1) / ((v[j] / bc2).sqrt() + eps);
+                    p[j] = p[j] * decay - update * lr;
+                }
+            });
+        let dev = var.device();
+        var.set(&Tensor::from_vec(p, shape.clone(), dev)?)?;
+        Ok((
+            Tensor::from_vec(m, shape.clone(), dev)?,
+            Tensor::from_vec(v, shape, dev)?,
+        ))
     }
 }
 

@@ -18,11 +18,11 @@ use crate::model::Model;
 pub const Q8_0_BLOCK: usize = 32;
 
 fn quantize_proj(p: &mut Proj) -> Result<bool> {
+    // candle's q8_0 matmul runs on its own spinning thread pool; rayon tasks from the packed
+    // path in between make the two pools fight over the cores, so the float leftovers of a
+    // quantized model go through the plain matmul.
+    p.packed = None;
     if !p.weight.dim(1)?.is_multiple_of(Q8_0_BLOCK) {
-        // candle's q8_0 matmul runs on its own spinning thread pool; rayon tasks from the
-        // gemv path in between make the two pools fight over the cores, so the float
-        // leftovers of a quantized model go through the plain matmul.
-        p.serving_gemv = false;
         return Ok(false);
     }
     let w = p.weight.to_dtype(DType::F32)?;

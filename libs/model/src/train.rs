@@ -103,12 +103,30 @@ impl Trainer {
         for mb in micro_batches {
             // Always in training mode, even at dropout 0: LoRA adapters have their own dropout.
             let train = Some((self.config.dropout, &mut self.rng));
-            let logits =
-                self.model
-                    .forward_train(&mb.input_ids, Some(&mb.attention_mask), train)?;
-            let l = loss::causal_lm_loss(&logits, &mb.input_ids, &mb.label_mask, Some(total))?;
-            loss_sum += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            let store = l.backward()?;
+            let head = &self.model.lm_head;
+            let (value, objective) = if head.lora.is_none() && head.bias.is_none() {
+                // The LM head and loss without materialising the logits (see lm_head_loss).
+                let hidden = self.model.forward_train_hidden(
+                    &mb.input_ids,
+                    Some(&mb.attention_mask),
+                    train,
+                )?;
+                loss::lm_head_loss(
+                    &hidden,
+                    &head.weight,
+                    &mb.input_ids,
+                    &mb.label_mask,
+                    Some(total),
+                )?
+            } else {
+                let logits =
+                    self.model
+                        .forward_train(&mb.input_ids, Some(&mb.attention_mask), train)?;
+                let l = loss::causal_lm_loss(&logits, &mb.input_ids, &mb.label_mask, Some(total))?;
+                (l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?, l)
+            };
+            loss_sum += value;
+            let store = objective.backward()?;
             for (i, (_, var)) in self.optimizer.vars.iter().enumerate() {
                 if let Some(g) = store.get(var.as_tensor()) {
                     grads[i] = Some(match grads[i].take() {

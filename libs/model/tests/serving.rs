@@ -16,9 +16,16 @@ struct Seq {
     table: Option<BlockTable>,
 }
 
-fn run_schedule(cfg: &ModelConfig) {
+/// `packed`: the batched forward uses weights packed for serving (the training forward never
+/// does), so their products are checked against candle's.
+fn run_schedule(cfg: &ModelConfig, packed: bool) {
     let map = common::random_weights(cfg, DType::F32, 2, 0.2);
     let model = Model::new(cfg, &map).expect("model");
+    let mut serving = model.clone();
+    if packed {
+        let bytes = serving.pack_for_serving().expect("pack");
+        assert!(bytes > 0 && serving.lm_head.packed.is_some());
+    }
     // block 4, 9 blocks: A, B and C fill 8; D can only join after B's blocks come back.
     let mut cache = PagedKvCache::new(cfg, 9, 4, DType::F32, &Device::Cpu).expect("cache");
     let spec = [(12, 5, 0), (7, 3, 0), (10, 6, 2), (9, 4, 5)];
@@ -75,7 +82,7 @@ fn run_schedule(cfg: &ModelConfig) {
                 table,
             })
             .collect();
-        let logits = model
+        let logits = serving
             .forward_batch(&mut cache, &mut inputs)
             .expect("batched forward");
         drop(inputs);
@@ -121,17 +128,23 @@ fn run_schedule(cfg: &ModelConfig) {
 
 #[test]
 fn batched_paged_decode_matches_training_forward_llama() {
-    run_schedule(&common::micro_config(Architecture::Llama, false));
+    run_schedule(&common::micro_config(Architecture::Llama, false), false);
+}
+
+#[test]
+fn batched_paged_decode_with_packed_weights_matches_training_forward() {
+    run_schedule(&common::micro_config(Architecture::Llama, false), true);
+    run_schedule(&common::micro_config(Architecture::Qwen2, true), true);
 }
 
 #[test]
 fn batched_paged_decode_matches_training_forward_qwen2_tied() {
-    run_schedule(&common::micro_config(Architecture::Qwen2, true));
+    run_schedule(&common::micro_config(Architecture::Qwen2, true), false);
 }
 
 #[test]
 fn sliding_window_is_applied_in_both_forwards() {
     let mut cfg = common::micro_config(Architecture::Mistral, false);
     cfg.sliding_window = Some(3);
-    run_schedule(&cfg);
+    run_schedule(&cfg, true);
 }

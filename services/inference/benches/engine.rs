@@ -58,7 +58,8 @@ fn main() {
             _ => ModelConfig::tiny(),
         };
         let map = weights::init_weights(&cfg, DType::F32, &Device::Cpu, 7).expect("weights");
-        let model = Model::new(&cfg, &map).expect("model");
+        let mut model = Model::new(&cfg, &map).expect("model");
+        model.pack_for_serving().expect("pack");
         let tok = Arc::new(tokenizer(cfg.vocab_size));
         let handle = engine::spawn(
             model,

@@ -531,6 +531,9 @@ fn build(
         quant::quantize_q8_0(&mut model).map_err(bad)?;
         // Q8_0 stores 34 bytes per 32 weights of the linear layers.
         bytes = bytes * 34 / (32 * settings.dtype.size_in_bytes() as u64);
+    } else {
+        // Decode steps multiply by a packed copy of each projection (libs/model `packed`).
+        bytes += model.pack_for_serving().map_err(bad)?;
     }
     let tokenizer = TextTokenizer::from_dir(dir).map_err(bad)?;
     let eos_token_ids = eos_ids(&ckpt, &tokenizer);

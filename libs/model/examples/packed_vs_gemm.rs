@@ -1,0 +1,50 @@
+//! The products of a `small` decode step, packed weights ([`lmforge_model::packed`]) against
+//! candle's gemm, at the row counts a batch of decodes (and a prefill) has; best of 7 runs.
+//! The figures behind `packed::MAX_ROWS`:
+//! `cargo run --release -p lmforge-model --example packed_vs_gemm`.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use lmforge_model::packed::PackedWeight;
+
+fn best_of<F: FnMut() -> candle_core::Result<()>>(mut f: F) -> candle_core::Result<f64> {
+    f()?;
+    let mut best = f64::MAX;
+    for _ in 0..7 {
+        let start = Instant::now();
+        for _ in 0..10 {
+            f()?;
+        }
+        best = best.min(start.elapsed().as_secs_f64() / 10.0);
+    }
+    Ok(best)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let dev = Device::Cpu;
+    println!("| in -> out | rows | candle ms | packed ms | packed GFLOP/s |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (k, out) in [(576, 1536), (1536, 576), (576, 192), (576, 49152)] {
+        let w = Tensor::randn(0f32, 1., (out, k), &dev)?;
+        let packed = PackedWeight::pack(&w)?.ok_or("f32 CPU weight")?;
+        for n in [1usize, 2, 4, 8, 16, 32, 64, 256] {
+            let x = Tensor::randn(0f32, 1., (n, k), &dev)?;
+            let flops = 2.0 * (n * k * out) as f64;
+            let gemm = best_of(|| x.matmul(&w.t()?).map(drop))?;
+            let ours = best_of(|| {
+                packed
+                    .matmul_t(&x)
+                    .map(drop)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            })?;
+            println!(
+                "| {k} -> {out} | {n} | {:.3} | {:.3} | {:.1} |",
+                gemm * 1e3,
+                ours * 1e3,
+                flops / ours / 1e9
+            );
+        }
+    }
+    Ok(())
+}
