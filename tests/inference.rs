@@ -524,10 +524,11 @@ async fn an_alias_move_swaps_versions_with_no_failed_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_share_a_memory_budget() {
-    // ~150 KiB of weights and 800 KV blocks of 512 bytes each: one fits in 1 MiB, two do not.
+    // ~670 KiB of weights with their packed serving copy (panels padded to 32 rows) and 1200
+    // KV blocks of 512 bytes each: one (~1.3 MiB) fits in 2 MiB, two do not.
     let mut env = Env::start("infer_budget", |c| {
-        c.kv_blocks = Some(800);
-        c.memory_budget_mb = 1;
+        c.kv_blocks = Some(1200);
+        c.memory_budget_mb = 2;
     })
     .await;
     env.import(&fixture("tiny-llama"), "acme/a").await;

@@ -65,9 +65,10 @@ pub fn causal_lm_loss(
 /// (and go back to) the heap instead of fresh zeroed pages every step.
 const VOCAB_CHUNK: usize = 2048;
 
-/// The loss of [`causal_lm_loss`] over `logits = hidden · weightᵀ`, computed without the
-/// full `[b, t, vocab]` logits or their gradient ever existing as one tensor (with the
-/// `small` shape at 8 × 256 tokens each is 400 MB, and the autograd path makes several).
+/// The loss of [`causal_lm_loss`] over `logits = hidden · weightᵀ`, without the autograd
+/// path's full-size `[b, t, vocab]` tensors (logits, their narrowed copy, log-probabilities,
+/// and as many gradients: with the `small` shape at 8 × 256 tokens each is 400 MB of fresh,
+/// zeroed pages every step). The logits are held once, as heap-sized vocabulary chunks.
 ///
 /// The gradients are computed here, vocabulary chunk by chunk: `dlogits = softmax −
 /// one-hot`, weighted by the label mask over `normalizer`; `dhidden = dlogits · weight`,

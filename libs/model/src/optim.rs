@@ -151,7 +151,8 @@ impl AdamW {
 impl AdamW {
     /// [`AdamW::step`] for one f32 CPU var in one pass over its elements (the tensor form
     /// makes a dozen full-size temporaries per var: 7 GB of memory traffic per step for a
-    /// 135M-parameter model). Same formula, same f32 arithmetic.
+    /// 135M-parameter model). Same formula in f32 (bias corrections divide where the tensor
+    /// form multiplies by the reciprocal: the last bit can differ).
     fn fused_cpu(
         &self,
         var: &Var,

@@ -19,12 +19,47 @@ use crate::model::Model;
 /// Output rows per panel: two AVX-512 or four AVX2 vectors.
 pub const PANEL: usize = 32;
 
-/// Activation rows up to which the serving forward uses the packed weight. Measured on the
-/// `small` shape's products (2 threads, AVX-512, `examples/`-style timing): at 16 rows the
-/// packed product takes 0.18 / 0.18 / 10.4 ms (576→1536, 1536→576, the 576→49152 LM head)
-/// against candle's gemm at 0.47 / 1.1 / 13.4 ms; at 64 rows 0.53 / 0.55 / 29.7 against
-/// 0.75 / 1.4 / 20.0; at 256 rows (prefill) candle's is faster on most.
+/// Activation rows up to which the serving forward uses the packed weight with AVX-512
+/// ([`max_rows`]). Measured on the `small` shape's products (2 threads,
+/// `examples/packed_vs_gemm.rs`): at 16 rows the packed product takes 0.19 / 0.19 / 8.6 ms
+/// (576→1536, 1536→576, the 576→49152 LM head) against candle's gemm at 0.44 / 1.05 / 13.3
+/// ms; at 64 rows 0.62 / 0.63 / 24.0 against 0.68 / 1.27 / 19.7 (the LM head only sees 64
+/// rows with 64 decoding sequences); at 256 rows (prefill) candle's is faster on most.
 pub const MAX_ROWS: usize = 64;
+
+/// With AVX2 a tile holds one activation row, so every further row streams each panel
+/// again; the old row-dot kernel lost to candle's gemm from about 10 rows there.
+const MAX_ROWS_AVX2: usize = 8;
+
+/// Whether pulp runs this CPU's products with AVX-512 (its `V4` level needs more than
+/// `avx512f`).
+fn has_v4() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        pulp::x86::V4::try_new().is_some()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU has 256-bit FMA vectors at least (pulp's `V3`).
+fn has_v3() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        pulp::x86::V3::try_new().is_some()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Activation rows up to which this CPU's serving forward uses packed weights.
+pub fn max_rows() -> usize {
+    if has_v4() { MAX_ROWS } else { MAX_ROWS_AVX2 }
+}
 
 /// A `[out, in]` f32 weight packed into `out / PANEL` (rounded up) panels of `[in, PANEL]`,
 /// the last padded with zeros.
@@ -39,7 +74,8 @@ pub struct PackedWeight {
 /// `r`'s input `i`): one load of each weight vector and one broadcast per row for every input
 /// position, no horizontal sums. Even and odd input positions accumulate separately (enough
 /// independent FMA chains even for one row), so every output is summed in the same order
-/// whatever `R` is: a sequence's logits do not depend on what else is in the batch.
+/// whatever `R` is: up to [`max_rows`] rows, a sequence's logits do not depend on what else
+/// is in the batch (larger batches go through candle's gemm).
 /// Writes row `r` to `out[r·PANEL..]`.
 #[inline(always)]
 fn tile<S: pulp::Simd, const V: usize, const R: usize>(
@@ -115,6 +151,8 @@ impl Groups {
 struct Panels<'a> {
     panels: &'a [f32],
     groups: &'a Groups,
+    /// The activation rows as given, `[n, k]` (for the scalar path).
+    xs: &'a [f32],
     k: usize,
     n: usize,
     out: &'a mut [f32],
@@ -130,6 +168,7 @@ impl Panels<'_> {
             k,
             n,
             out,
+            ..
         } = self;
         let (vecs, _) = S::as_simd_f32s(panels);
         for (panel, out) in vecs
@@ -148,27 +187,18 @@ impl Panels<'_> {
         }
     }
 
-    /// Without 256-bit vectors: one dot product at a time, summed in the same order as
-    /// [`tile`]'s.
+    /// Without 256-bit vectors (not reached: [`PackedWeight::pack`] declines there): one dot
+    /// product at a time, summed in the same order as [`tile`]'s.
     fn run_scalar(self) {
         let (k, n) = (self.k, self.n);
-        let per_row = |r: usize, i: usize| {
-            let &(r0, width, at) = self
-                .groups
-                .spans
-                .iter()
-                .find(|(r0, w, _)| (*r0..r0 + w).contains(&r))
-                .expect("every row is in a group");
-            self.groups.data[at + i * width + (r - r0)]
-        };
         for (panel, out) in self
             .panels
             .chunks_exact(k * PANEL)
             .zip(self.out.chunks_exact_mut(n * PANEL))
         {
-            for (r, row) in out.chunks_exact_mut(PANEL).enumerate() {
+            for (x, row) in self.xs.chunks_exact(k).zip(out.chunks_exact_mut(PANEL)) {
                 for (c, d) in row.iter_mut().enumerate() {
-                    let term = |i: usize| panel[i * PANEL + c] * per_row(r, i);
+                    let term = |i: usize| panel[i * PANEL + c] * x[i];
                     let even: f32 = (0..k).step_by(2).map(term).sum();
                     let odd: f32 = (1..k).step_by(2).map(term).sum();
                     *d = even + odd;
@@ -195,20 +225,22 @@ impl pulp::WithSimd for Panels<'_> {
 /// accumulators must fit the register file (16 of AVX-512's 32 registers at `R` = 4, 8 of
 /// AVX2's 16 at `R` = 1).
 fn tile_widths() -> &'static [usize] {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        return &[4, 2, 1];
-    }
-    &[1]
+    if has_v4() { &[4, 2, 1] } else { &[1] }
 }
 
 impl PackedWeight {
-    /// Pack a 2-D f32 CPU weight `[out, in]`; `None` for any other.
+    /// Pack a 2-D f32 CPU weight `[out, in]`; `None` for any other, and on CPUs without
+    /// AVX2 and FMA, where candle's matmul is the better choice.
     pub fn pack(w: &Tensor) -> Result<Option<Self>> {
         let Ok((out, k)) = w.dims2() else {
             return Ok(None);
         };
-        if out == 0 || k == 0 || w.dtype() != DType::F32 || !matches!(w.device(), Device::Cpu) {
+        if out == 0
+            || k == 0
+            || w.dtype() != DType::F32
+            || !matches!(w.device(), Device::Cpu)
+            || !has_v3()
+        {
             return Ok(None);
         }
         let rows = w.contiguous()?.to_vec2::<f32>()?;
@@ -240,6 +272,9 @@ impl PackedWeight {
                 format!("packed weight takes {} inputs, got {k}", self.k),
             ));
         }
+        if n == 0 {
+            return Ok(Tensor::zeros((0, self.out), DType::F32, &Device::Cpu)?);
+        }
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let groups = Groups::new(&xs, n, k, tile_widths());
         let panels = self.out.div_ceil(PANEL);
@@ -255,6 +290,7 @@ impl PackedWeight {
                 arch.dispatch(Panels {
                     panels,
                     groups: &groups,
+                    xs: &xs,
                     k,
                     n,
                     out,
@@ -278,10 +314,14 @@ impl PackedWeight {
 
 impl Model {
     /// Pack every f32 CPU projection and the LM head for serving (see the module docs);
-    /// returns the bytes the packed copies take. Projections with q8_0 weights keep them. The
-    /// float weights stay for prefill chunks longer than [`MAX_ROWS`] and for training.
+    /// returns the bytes the packed copies take. A q8_0 model is left as it is (its float
+    /// leftovers stay on candle's matmul, see `quant`). The float weights stay for prefill
+    /// chunks longer than [`max_rows`] and for training.
     pub fn pack_for_serving(&mut self) -> Result<u64> {
         let mut bytes = 0;
+        if self.lm_head.quantized.is_some() || self.layers.iter().any(|l| l.q.quantized.is_some()) {
+            return Ok(0);
+        }
         let projs = self
             .layers
             .iter_mut()
@@ -298,9 +338,6 @@ impl Model {
             })
             .chain(std::iter::once(&mut self.lm_head));
         for p in projs {
-            if p.quantized.is_some() {
-                continue;
-            }
             if let Some(packed) = PackedWeight::pack(&p.weight)? {
                 bytes += (packed.data.len() * 4) as u64;
                 p.packed = Some(std::sync::Arc::new(packed));

@@ -205,14 +205,22 @@ impl ModelManager {
         }
     }
 
-    /// Estimated bytes of `version` once loaded: its weight files plus the KV cache.
-    fn estimate(&self, version: &pb::ModelVersion) -> u64 {
+    /// Estimated bytes of `version` once loaded: its weight files (twice for f32 serving
+    /// without q8_0, which adds a packed copy of the projections and LM head) plus the KV
+    /// cache.
+    fn estimate(&self, version: &pb::ModelVersion, options: Options) -> u64 {
         let weights: u64 = version
             .files
             .iter()
             .filter(|f| f.path.ends_with(".safetensors"))
             .map(|f| f.size_bytes)
             .sum();
+        let weights =
+            if options.quantization != pb::Quantization::Q80 && self.settings.dtype == DType::F32 {
+                weights * 2
+            } else {
+                weights
+            };
         // With a fixed block count the KV size is only known once config.json is read; the
         // exact figure is checked after loading.
         let kv = if self.settings.fixed_kv_blocks {
@@ -248,9 +256,9 @@ impl ModelManager {
         &self,
         model_ref: &str,
         version: &pb::ModelVersion,
-        _o: Options,
+        options: Options,
     ) -> Result<(), Status> {
-        let need = self.estimate(version);
+        let need = self.estimate(version, options);
         let mut st = self.state.lock().expect("models");
         let used: u64 = st
             .entries
