@@ -356,37 +356,23 @@ impl DecodeGroup {
         let b = self.spans.len();
         let scale = scale as f32;
         let mut out = vec![0f32; b * nh * hd];
+        let arch = pulp::Arch::new();
         out.par_chunks_mut(groups * hd)
             .enumerate()
             .for_each(|(task, o)| {
                 let (m, h) = (task / nkv, task % nkv);
                 let (first, ctx) = self.spans[m];
-                let slots = &self.slot_list[m * self.max_ctx + first..m * self.max_ctx + ctx];
-                let mut scores = vec![0f32; slots.len()];
-                for g in 0..groups {
-                    let qh = h * groups + g;
-                    let qv = &qd[(m * nh + qh) * hd..(m * nh + qh + 1) * hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for (sc, &slot) in scores.iter_mut().zip(slots) {
-                        let at = (slot as usize * nkv + h) * hd;
-                        let kv = &ks[at..at + hd];
-                        *sc = qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        max = max.max(*sc);
-                    }
-                    let mut total = 0f32;
-                    for sc in scores.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        total += *sc;
-                    }
-                    let acc = &mut o[g * hd..(g + 1) * hd];
-                    for (sc, &slot) in scores.iter().zip(slots) {
-                        let w = sc / total;
-                        let at = (slot as usize * nkv + h) * hd;
-                        for (a, v) in acc.iter_mut().zip(&vs[at..at + hd]) {
-                            *a += w * v;
-                        }
-                    }
-                }
+                arch.dispatch(AttendHead {
+                    slots: &self.slot_list[m * self.max_ctx + first..m * self.max_ctx + ctx],
+                    q: &qd[(m * nh + h * groups) * hd..(m * nh + (h + 1) * groups) * hd],
+                    ks,
+                    vs,
+                    kv_head: h,
+                    nkv,
+                    hd,
+                    scale,
+                    out: o,
+                })
             });
         drop((kst, vst));
         Ok(Some(Tensor::from_vec(out, (b, nh * hd), q.device())?))
@@ -414,5 +400,88 @@ impl DecodeGroup {
         let scores = (qd.matmul(&kc.transpose(2, 3)?)? * scale)?.broadcast_add(&self.mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         Ok(probs.matmul(&vc)?.reshape((b, nh * hd))?)
+    }
+}
+
+/// One decode token's attention for the query heads sharing one kv head, over its cached
+/// slots (f32 CPU cache), with the CPU's widest vectors (`pulp` dispatch): a plain
+/// `iter().sum()` dot product is one long dependency chain the compiler may not reorder.
+struct AttendHead<'a> {
+    slots: &'a [u32],
+    /// The group's query heads, `[groups, hd]`.
+    q: &'a [f32],
+    ks: &'a [f32],
+    vs: &'a [f32],
+    kv_head: usize,
+    nkv: usize,
+    hd: usize,
+    scale: f32,
+    /// `[groups, hd]`, zeroed.
+    out: &'a mut [f32],
+}
+
+impl pulp::WithSimd for AttendHead<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let AttendHead {
+            slots,
+            q,
+            ks,
+            vs,
+            kv_head,
+            nkv,
+            hd,
+            scale,
+            out,
+        } = self;
+        fn row(cache: &[f32], slot: u32, nkv: usize, kv_head: usize, hd: usize) -> &[f32] {
+            let at = (slot as usize * nkv + kv_head) * hd;
+            &cache[at..at + hd]
+        }
+        let dot = |a: &[f32], b: &[f32]| {
+            let (av, at) = S::as_simd_f32s(a);
+            let (bv, bt) = S::as_simd_f32s(b);
+            let mut acc = simd.splat_f32s(0.0);
+            for (x, y) in av.iter().zip(bv) {
+                acc = simd.mul_add_e_f32s(*x, *y, acc);
+            }
+            simd.reduce_sum_f32s(acc) + at.iter().zip(bt).map(|(x, y)| x * y).sum::<f32>()
+        };
+        // Each cached key and value row is read once for all the group's query heads.
+        let ctx = slots.len();
+        let mut scores = vec![0f32; q.len() / hd * ctx];
+        for (j, &slot) in slots.iter().enumerate() {
+            let k = row(ks, slot, nkv, kv_head, hd);
+            for (qv, sc) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(ctx)) {
+                sc[j] = dot(qv, k) * scale;
+            }
+        }
+        for sc in scores.chunks_exact_mut(ctx) {
+            let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut total = 0f32;
+            for s in sc.iter_mut() {
+                *s = (*s - max).exp();
+                total += *s;
+            }
+            for s in sc.iter_mut() {
+                *s /= total;
+            }
+        }
+        for (j, &slot) in slots.iter().enumerate() {
+            let (vv, vt) = S::as_simd_f32s(row(vs, slot, nkv, kv_head, hd));
+            for (acc, sc) in out.chunks_exact_mut(hd).zip(scores.chunks_exact(ctx)) {
+                let w = sc[j];
+                let wv = simd.splat_f32s(w);
+                let (accv, acct) = S::as_mut_simd_f32s(acc);
+                for (a, v) in accv.iter_mut().zip(vv) {
+                    *a = simd.mul_add_e_f32s(wv, *v, *a);
+                }
+                for (a, v) in acct.iter_mut().zip(vt) {
+                    *a += w * v;
+                }
+            }
+        }
     }
 }

@@ -70,23 +70,34 @@ pub struct PackedWeight {
     k: usize,
 }
 
-/// Multiply a panel by the `R` activation rows of `xt` (interleaved: `xt[i·R + r]` is row
-/// `r`'s input `i`): one load of each weight vector and one broadcast per row for every input
-/// position, no horizontal sums. Even and odd input positions accumulate separately (enough
-/// independent FMA chains even for one row), so every output is summed in the same order
-/// whatever `R` is: up to [`max_rows`] rows, a sequence's logits do not depend on what else
-/// is in the batch (larger batches go through candle's gemm).
-/// Writes row `r` to `out[r·PANEL..]`.
+/// Input positions per pass over a panel: a `KC × PANEL` slice of it (16 KiB) stays in L1
+/// while every tile group of activation rows multiplies it, instead of each group streaming
+/// the whole panel from L2. Even, so the even/odd pairs of [`tile`] never straddle passes.
+const KC: usize = 128;
+
+/// Multiply `KC` (or fewer) input positions of a panel by the `R` activation rows of `xt`
+/// (interleaved: `xt[i·R + r]` is row `r`'s input `i`), adding into `acc` (row `r`'s even
+/// sums at `acc[2r·V..]`, its odd sums at `acc[(2r + 1)·V..]`): one load of each weight
+/// vector and one broadcast per row for every input position, no horizontal sums. Even and
+/// odd input positions accumulate separately (enough independent FMA chains even for one
+/// row), so every output is summed in the same order whatever `R` is: up to [`max_rows`]
+/// rows, a sequence's logits do not depend on what else is in the batch (larger batches go
+/// through candle's gemm).
 #[inline(always)]
 fn tile<S: pulp::Simd, const V: usize, const R: usize>(
     simd: S,
     panel: &[S::f32s],
     xt: &[f32],
-    out: &mut [f32],
+    acc: &mut [S::f32s],
 ) {
-    let zero = simd.splat_f32s(0.0);
-    let mut even = [[zero; V]; R];
-    let mut odd = [[zero; V]; R];
+    let mut even: [[S::f32s; V]; R] = std::array::from_fn(|r| {
+        let a = &acc[2 * r * V..(2 * r + 1) * V];
+        std::array::from_fn(|v| a[v])
+    });
+    let mut odd: [[S::f32s; V]; R] = std::array::from_fn(|r| {
+        let a = &acc[(2 * r + 1) * V..(2 * r + 2) * V];
+        std::array::from_fn(|v| a[v])
+    });
     let mut pairs_w = panel.chunks_exact(2 * V);
     let mut pairs_x = xt.chunks_exact(2 * R);
     for (w, x) in (&mut pairs_w).zip(&mut pairs_x) {
@@ -100,7 +111,7 @@ fn tile<S: pulp::Simd, const V: usize, const R: usize>(
             }
         }
     }
-    // An odd number of input positions leaves the last one.
+    // An odd number of input positions (only in the last pass) leaves the last one.
     let (w, x) = (pairs_w.remainder(), pairs_x.remainder());
     if w.len() == V && x.len() == R {
         for r in 0..R {
@@ -110,12 +121,32 @@ fn tile<S: pulp::Simd, const V: usize, const R: usize>(
             }
         }
     }
-    for ((even, odd), dst) in even.iter().zip(&odd).zip(out.chunks_exact_mut(PANEL)) {
-        let lanes = S::as_mut_simd_f32s(dst).0;
-        for v in 0..V {
-            lanes[v] = simd.add_f32s(even[v], odd[v]);
+    for r in 0..R {
+        acc[2 * r * V..(2 * r + 1) * V].copy_from_slice(&even[r]);
+        acc[(2 * r + 1) * V..(2 * r + 2) * V].copy_from_slice(&odd[r]);
+    }
+}
+
+/// Ask for `data` in L2 (one hint per cache line) without waiting for it.
+#[inline(always)]
+fn prefetch_l2<T>(data: Option<&[T]>) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(data) = data {
+        let bytes = std::mem::size_of_val(data);
+        let base = data.as_ptr().cast::<i8>();
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch is a hint: it never faults and has no architectural effect;
+            // the address is inside `data` anyway.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                    base.add(off),
+                );
+            }
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 /// Activation rows in tile groups (`R` rows each, interleaved by input position), so every
@@ -171,17 +202,40 @@ impl Panels<'_> {
             ..
         } = self;
         let (vecs, _) = S::as_simd_f32s(panels);
-        for (panel, out) in vecs
+        let zero = simd.splat_f32s(0.0);
+        let mut acc = vec![zero; n * 2 * V];
+        let vecs_all = vecs;
+        for (j, (panel, out)) in vecs
             .chunks_exact(k * V)
             .zip(out.chunks_exact_mut(n * PANEL))
+            .enumerate()
         {
-            for &(r0, r, at) in &groups.spans {
-                let xt = &groups.data[at..at + r * k];
-                let dst = &mut out[r0 * PANEL..(r0 + r) * PANEL];
-                match r {
-                    4 => tile::<S, V, 4>(simd, panel, xt, dst),
-                    2 => tile::<S, V, 2>(simd, panel, xt, dst),
-                    _ => tile::<S, V, 1>(simd, panel, xt, dst),
+            let base = j * k * V;
+            acc.fill(zero);
+            let spans = groups.spans.len();
+            for c0 in (0..k).step_by(KC) {
+                let c1 = (c0 + KC).min(k);
+                let pw = &panel[c0 * V..c1 * V];
+                // The next pass's slice (the next panel's first after the last), a share per
+                // group, so it arrives from memory while this one is multiplied.
+                let next = &vecs_all[(base + c1 * V).min(vecs_all.len())
+                    ..(base + (c1 + KC) * V).min(vecs_all.len())];
+                let share = next.len().div_ceil(spans).max(1);
+                for (g, &(r0, r, at)) in groups.spans.iter().enumerate() {
+                    prefetch_l2(next.get(g * share..((g + 1) * share).min(next.len())));
+                    let xt = &groups.data[at + c0 * r..at + c1 * r];
+                    let acc = &mut acc[r0 * 2 * V..(r0 + r) * 2 * V];
+                    match r {
+                        4 => tile::<S, V, 4>(simd, pw, xt, acc),
+                        2 => tile::<S, V, 2>(simd, pw, xt, acc),
+                        _ => tile::<S, V, 1>(simd, pw, xt, acc),
+                    }
+                }
+            }
+            for (sums, dst) in acc.chunks_exact(2 * V).zip(out.chunks_exact_mut(PANEL)) {
+                let lanes = S::as_mut_simd_f32s(dst).0;
+                for v in 0..V {
+                    lanes[v] = simd.add_f32s(sums[v], sums[V + v]);
                 }
             }
         }
