@@ -524,8 +524,8 @@ async fn an_alias_move_swaps_versions_with_no_failed_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_share_a_memory_budget() {
-    // ~670 KiB of weights with their packed serving copy (panels padded to 32 rows) and 1200
-    // KV blocks of 512 bytes each: one (~1.3 MiB) fits in 2 MiB, two do not.
+    // ~900 KiB of weights with their packed serving copy (panels padded to 64 rows) and 1200
+    // KV blocks of 512 bytes each: one (~1.5 MiB) fits in 2 MiB, two do not.
     let mut env = Env::start("infer_budget", |c| {
         c.kv_blocks = Some(1200);
         c.memory_budget_mb = 2;

@@ -6,9 +6,12 @@
 //! rows, stored input-position-major, so one step of the inner loop loads `PANEL` weights as
 //! whole vectors and multiplies them by one broadcast activation per row (an outer product,
 //! as in GEMM micro-kernels: no horizontal sums). A tile keeps `PANEL × R` accumulators in
-//! registers (`R` = 8 rows with AVX-512, 2 with AVX2) and the panels are split into one
-//! contiguous range per rayon thread. The loops are plain Rust compiled for the best
-//! instruction set the CPU has at run time (`pulp` dispatch).
+//! registers (`R` up to 6 rows with AVX-512, 1 with AVX2). Panels are walked `KC` input
+//! positions at a time so that slice stays in L1 for every group of rows (the next slice is
+//! prefetched into L2 meanwhile), and split into one contiguous range per rayon thread. The
+//! loops are plain Rust compiled for the best instruction set the CPU has at run time (`pulp`
+//! dispatch). CPUs without AVX2 (and non-x86 ones) keep candle's matmul:
+//! [`PackedWeight::pack`] declines there.
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -16,15 +19,15 @@ use rayon::prelude::*;
 use crate::error::{ModelError, Result};
 use crate::model::Model;
 
-/// Output rows per panel: two AVX-512 or four AVX2 vectors.
-pub const PANEL: usize = 32;
+/// Output rows per panel: four AVX-512 or eight AVX2 vectors.
+pub const PANEL: usize = 64;
 
 /// Activation rows up to which the serving forward uses the packed weight with AVX-512
 /// ([`max_rows`]). Measured on the `small` shape's products (2 threads,
-/// `examples/packed_vs_gemm.rs`): at 16 rows the packed product takes 0.19 / 0.19 / 8.6 ms
-/// (576→1536, 1536→576, the 576→49152 LM head) against candle's gemm at 0.44 / 1.05 / 13.3
-/// ms; at 64 rows 0.62 / 0.63 / 24.0 against 0.68 / 1.27 / 19.7 (the LM head only sees 64
-/// rows with 64 decoding sequences); at 256 rows (prefill) candle's is faster on most.
+/// `examples/packed_vs_gemm.rs`): at 16 rows the packed product takes 0.22 / 0.21 / 6.9 ms
+/// (576→1536, 1536→576, the 576→49152 LM head) against candle's gemm at 0.52 / 1.15 / 15.4
+/// ms; at 64 rows 0.54 / 0.56 / 26.8 against 0.78 / 1.43 / 27.6; at 256 rows (prefill)
+/// candle's is faster on most.
 pub const MAX_ROWS: usize = 64;
 
 /// With AVX2 a tile holds one activation row, so every further row streams each panel
@@ -72,17 +75,17 @@ pub struct PackedWeight {
 
 /// Input positions per pass over a panel: a `KC × PANEL` slice of it (16 KiB) stays in L1
 /// while every tile group of activation rows multiplies it, instead of each group streaming
-/// the whole panel from L2. Even, so the even/odd pairs of [`tile`] never straddle passes.
-const KC: usize = 128;
+/// the whole panel from L2.
+const KC: usize = 64;
 
 /// Multiply `KC` (or fewer) input positions of a panel by the `R` activation rows of `xt`
-/// (interleaved: `xt[i·R + r]` is row `r`'s input `i`), adding into `acc` (row `r`'s even
-/// sums at `acc[2r·V..]`, its odd sums at `acc[(2r + 1)·V..]`): one load of each weight
-/// vector and one broadcast per row for every input position, no horizontal sums. Even and
-/// odd input positions accumulate separately (enough independent FMA chains even for one
-/// row), so every output is summed in the same order whatever `R` is: up to [`max_rows`]
-/// rows, a sequence's logits do not depend on what else is in the batch (larger batches go
-/// through candle's gemm).
+/// (interleaved: `xt[i·R + r]` is row `r`'s input `i`), adding into `acc` (row `r`'s sums at
+/// `acc[r·V..]`): one load of each weight vector and one broadcast per row for every input
+/// position, no horizontal sums. With AVX-512 a panel is 4 vectors, so even one row has 4
+/// independent FMA chains, and 6 rows keep 24 accumulators in registers (10 loads per 24
+/// FMAs). Every output is summed in input order whatever `R` is: up to [`max_rows`] rows, a
+/// sequence's logits do not depend on what else is in the batch (larger batches go through
+/// candle's gemm).
 #[inline(always)]
 fn tile<S: pulp::Simd, const V: usize, const R: usize>(
     simd: S,
@@ -90,40 +93,21 @@ fn tile<S: pulp::Simd, const V: usize, const R: usize>(
     xt: &[f32],
     acc: &mut [S::f32s],
 ) {
-    let mut even: [[S::f32s; V]; R] = std::array::from_fn(|r| {
-        let a = &acc[2 * r * V..(2 * r + 1) * V];
+    let mut sums: [[S::f32s; V]; R] = std::array::from_fn(|r| {
+        let a = &acc[r * V..(r + 1) * V];
         std::array::from_fn(|v| a[v])
     });
-    let mut odd: [[S::f32s; V]; R] = std::array::from_fn(|r| {
-        let a = &acc[(2 * r + 1) * V..(2 * r + 2) * V];
-        std::array::from_fn(|v| a[v])
-    });
-    let mut pairs_w = panel.chunks_exact(2 * V);
-    let mut pairs_x = xt.chunks_exact(2 * R);
-    for (w, x) in (&mut pairs_w).zip(&mut pairs_x) {
-        let (we, wo) = w.split_at(V);
-        let (xe, xo) = x.split_at(R);
-        for r in 0..R {
-            let (be, bo) = (simd.splat_f32s(xe[r]), simd.splat_f32s(xo[r]));
+    for (w, x) in panel.chunks_exact(V).zip(xt.chunks_exact(R)) {
+        let w: [S::f32s; V] = std::array::from_fn(|v| w[v]);
+        for (sums, &x) in sums.iter_mut().zip(x) {
+            let b = simd.splat_f32s(x);
             for v in 0..V {
-                even[r][v] = simd.mul_add_e_f32s(we[v], be, even[r][v]);
-                odd[r][v] = simd.mul_add_e_f32s(wo[v], bo, odd[r][v]);
+                sums[v] = simd.mul_add_e_f32s(w[v], b, sums[v]);
             }
         }
     }
-    // An odd number of input positions (only in the last pass) leaves the last one.
-    let (w, x) = (pairs_w.remainder(), pairs_x.remainder());
-    if w.len() == V && x.len() == R {
-        for r in 0..R {
-            let b = simd.splat_f32s(x[r]);
-            for v in 0..V {
-                even[r][v] = simd.mul_add_e_f32s(w[v], b, even[r][v]);
-            }
-        }
-    }
-    for r in 0..R {
-        acc[2 * r * V..(2 * r + 1) * V].copy_from_slice(&even[r]);
-        acc[(2 * r + 1) * V..(2 * r + 2) * V].copy_from_slice(&odd[r]);
+    for (r, sums) in sums.iter().enumerate() {
+        acc[r * V..(r + 1) * V].copy_from_slice(sums);
     }
 }
 
@@ -203,7 +187,7 @@ impl Panels<'_> {
         } = self;
         let (vecs, _) = S::as_simd_f32s(panels);
         let zero = simd.splat_f32s(0.0);
-        let mut acc = vec![zero; n * 2 * V];
+        let mut acc = vec![zero; n * V];
         let vecs_all = vecs;
         for (j, (panel, out)) in vecs
             .chunks_exact(k * V)
@@ -224,19 +208,17 @@ impl Panels<'_> {
                 for (g, &(r0, r, at)) in groups.spans.iter().enumerate() {
                     prefetch_l2(next.get(g * share..((g + 1) * share).min(next.len())));
                     let xt = &groups.data[at + c0 * r..at + c1 * r];
-                    let acc = &mut acc[r0 * 2 * V..(r0 + r) * 2 * V];
+                    let acc = &mut acc[r0 * V..(r0 + r) * V];
                     match r {
+                        6 => tile::<S, V, 6>(simd, pw, xt, acc),
                         4 => tile::<S, V, 4>(simd, pw, xt, acc),
                         2 => tile::<S, V, 2>(simd, pw, xt, acc),
                         _ => tile::<S, V, 1>(simd, pw, xt, acc),
                     }
                 }
             }
-            for (sums, dst) in acc.chunks_exact(2 * V).zip(out.chunks_exact_mut(PANEL)) {
-                let lanes = S::as_mut_simd_f32s(dst).0;
-                for v in 0..V {
-                    lanes[v] = simd.add_f32s(sums[v], sums[V + v]);
-                }
+            for (sums, dst) in acc.chunks_exact(V).zip(out.chunks_exact_mut(PANEL)) {
+                S::as_mut_simd_f32s(dst).0[..V].copy_from_slice(sums);
             }
         }
     }
@@ -252,10 +234,7 @@ impl Panels<'_> {
         {
             for (x, row) in self.xs.chunks_exact(k).zip(out.chunks_exact_mut(PANEL)) {
                 for (c, d) in row.iter_mut().enumerate() {
-                    let term = |i: usize| panel[i * PANEL + c] * x[i];
-                    let even: f32 = (0..k).step_by(2).map(term).sum();
-                    let odd: f32 = (1..k).step_by(2).map(term).sum();
-                    *d = even + odd;
+                    *d = (0..k).map(|i| panel[i * PANEL + c] * x[i]).sum();
                 }
             }
         }
@@ -268,18 +247,18 @@ impl pulp::WithSimd for Panels<'_> {
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, simd: S) {
         match S::F32_LANES {
-            16 => self.run::<S, 2>(simd),
-            8 => self.run::<S, 4>(simd),
+            16 => self.run::<S, 4>(simd),
+            8 => self.run::<S, 8>(simd),
             _ => self.run_scalar(),
         }
     }
 }
 
-/// Tile widths (activation rows per tile) for the CPU's vectors: the `2 × PANEL × R`
-/// accumulators must fit the register file (16 of AVX-512's 32 registers at `R` = 4, 8 of
+/// Tile widths (activation rows per tile) for the CPU's vectors: the `PANEL × R`
+/// accumulators must fit the register file (24 of AVX-512's 32 registers at `R` = 6, 8 of
 /// AVX2's 16 at `R` = 1).
 fn tile_widths() -> &'static [usize] {
-    if has_v4() { &[4, 2, 1] } else { &[1] }
+    if has_v4() { &[6, 4, 2, 1] } else { &[1] }
 }
 
 impl PackedWeight {
