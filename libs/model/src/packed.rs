@@ -174,9 +174,62 @@ struct Panels<'a> {
 }
 
 impl Panels<'_> {
+    /// One activation row (a lone decode step): `P` panels at a time, so the weight is read
+    /// as `P` concurrent streams (one sequential stream leaves memory bandwidth unused), each
+    /// output summed in input order as [`tile`] does.
+    #[inline(always)]
+    fn run_one_row<S: pulp::Simd, const V: usize, const P: usize>(self, simd: S) {
+        let Panels {
+            panels, xs, k, out, ..
+        } = self;
+        let (vecs, _) = S::as_simd_f32s(panels);
+        let zero = simd.splat_f32s(0.0);
+        let mut blocks = vecs.chunks_exact(P * k * V);
+        let mut dsts = out.chunks_exact_mut(P * PANEL);
+        for (w, dst) in (&mut blocks).zip(&mut dsts) {
+            let mut streams: [std::slice::ChunksExact<'_, S::f32s>; P] =
+                std::array::from_fn(|j| w[j * k * V..(j + 1) * k * V].chunks_exact(V));
+            let mut sums = [[zero; V]; P];
+            for &x in &xs[..k] {
+                let b = simd.splat_f32s(x);
+                for (sums, stream) in sums.iter_mut().zip(&mut streams) {
+                    let w = stream.next().expect("k vectors a panel");
+                    for v in 0..V {
+                        sums[v] = simd.mul_add_e_f32s(w[v], b, sums[v]);
+                    }
+                }
+            }
+            for (sums, dst) in sums.iter().zip(dst.chunks_exact_mut(PANEL)) {
+                S::as_mut_simd_f32s(dst).0[..V].copy_from_slice(sums);
+            }
+        }
+        for (panel, dst) in blocks
+            .remainder()
+            .chunks_exact(k * V)
+            .zip(dsts.into_remainder().chunks_exact_mut(PANEL))
+        {
+            let mut sums = [zero; V];
+            for (w, &x) in panel.chunks_exact(V).zip(&xs[..k]) {
+                let b = simd.splat_f32s(x);
+                for v in 0..V {
+                    sums[v] = simd.mul_add_e_f32s(w[v], b, sums[v]);
+                }
+            }
+            S::as_mut_simd_f32s(dst).0[..V].copy_from_slice(&sums);
+        }
+    }
+
     #[inline(always)]
     fn run<S: pulp::Simd, const V: usize>(self, simd: S) {
         assert_eq!(V * S::F32_LANES, PANEL);
+        if self.n == 1 {
+            // Four panels' 16 accumulators fit AVX-512's registers, not AVX2's.
+            return if V <= 4 {
+                self.run_one_row::<S, V, 4>(simd)
+            } else {
+                self.run_one_row::<S, V, 1>(simd)
+            };
+        }
         let Panels {
             panels,
             groups,
@@ -395,6 +448,8 @@ mod tests {
             (2, 9, 16),
             (1, 4, 5),
             (40, 100, 24),
+            (1, 300, 70),
+            (1, 512, 33),
         ] {
             let x = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).expect("randn");
             let w = Tensor::randn(0f32, 1.0, (out, k), &Device::Cpu).expect("randn");
@@ -412,6 +467,28 @@ mod tests {
                 d.to_scalar::<f32>().expect("s") < 1e-4,
                 "n {n} out {out} k {k}"
             );
+        }
+    }
+
+    #[test]
+    fn a_row_does_not_depend_on_the_rest_of_the_batch() {
+        // Every tile width (6, 4, 2, 1 rows) and the one-row path give each row the same bits.
+        let (out, k) = (300, 70);
+        let w = Tensor::randn(0f32, 1.0, (out, k), &Device::Cpu).expect("randn");
+        let packed = PackedWeight::pack(&w).expect("pack").expect("f32");
+        let x = Tensor::randn(0f32, 1.0, (13, k), &Device::Cpu).expect("randn");
+        let all = packed
+            .matmul_t(&x)
+            .expect("batch")
+            .to_vec2::<f32>()
+            .expect("rows");
+        for n in [1, 2, 3, 5, 13] {
+            let part = packed
+                .matmul_t(&x.narrow(0, 0, n).expect("rows"))
+                .expect("part")
+                .to_vec2::<f32>()
+                .expect("rows");
+            assert_eq!(part[..], all[..n], "{n} rows");
         }
     }
 }
