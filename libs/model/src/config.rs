@@ -244,6 +244,12 @@ impl ModelConfig {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             return bad("num_attention_heads", "must be positive");
         }
+        if self.sliding_window == Some(0) {
+            return bad(
+                "sliding_window",
+                "must be positive (a token sees at least itself)",
+            );
+        }
         if !self
             .num_attention_heads
             .is_multiple_of(self.num_key_value_heads)
@@ -463,6 +469,16 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("num_key_value_heads"), "{e}");
+    }
+
+    #[test]
+    fn a_sliding_window_of_zero_is_refused_by_name() {
+        let mut c = ModelConfig::tiny();
+        c.sliding_window = Some(0);
+        let e = c.validate().expect_err("window 0");
+        assert!(e.to_string().contains("sliding_window"), "{e}");
+        c.sliding_window = Some(1);
+        c.validate().expect("window 1");
     }
 
     #[test]

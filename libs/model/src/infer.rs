@@ -451,6 +451,9 @@ impl pulp::WithSimd for AttendHead<'_> {
         };
         // Each cached key and value row is read once for all the group's query heads.
         let ctx = slots.len();
+        if ctx == 0 {
+            return;
+        }
         let mut scores = vec![0f32; q.len() / hd * ctx];
         for (j, &slot) in slots.iter().enumerate() {
             let k = row(ks, slot, nkv, kv_head, hd);

@@ -84,8 +84,8 @@ const KC: usize = 64;
 /// position, no horizontal sums. With AVX-512 a panel is 4 vectors, so even one row has 4
 /// independent FMA chains, and 6 rows keep 24 accumulators in registers (10 loads per 24
 /// FMAs). Every output is summed in input order whatever `R` is: up to [`max_rows`] rows, a
-/// sequence's logits do not depend on what else is in the batch (larger batches go through
-/// candle's gemm).
+/// row's product does not depend on what else is in the batch (larger batches go through
+/// candle's gemm; attention of a lone decode token differs from a group's).
 #[inline(always)]
 fn tile<S: pulp::Simd, const V: usize, const R: usize>(
     simd: S,
@@ -277,7 +277,7 @@ impl Panels<'_> {
     }
 
     /// Without 256-bit vectors (not reached: [`PackedWeight::pack`] declines there): one dot
-    /// product at a time, summed in the same order as [`tile`]'s.
+    /// product at a time, in input order (unfused, so not [`tile`]'s bits).
     fn run_scalar(self) {
         let (k, n) = (self.k, self.n);
         for (panel, out) in self
@@ -365,7 +365,11 @@ impl PackedWeight {
         let groups = Groups::new(&xs, n, k, tile_widths());
         let panels = self.out.div_ceil(PANEL);
         let threads = rayon::current_num_threads().max(1);
-        let per_task = panels.div_ceil(threads);
+        let mut per_task = panels.div_ceil(threads);
+        if n == 1 {
+            // Whole blocks of the one-row path's four panels, on wide machines too.
+            per_task = per_task.next_multiple_of(4);
+        }
         // [panels, n, PANEL], one contiguous range of panels per task.
         let mut res = vec![0f32; panels * n * PANEL];
         let arch = pulp::Arch::new();
@@ -437,8 +441,24 @@ impl Model {
 mod tests {
     use super::*;
 
+    /// Run `f` on 1 and on 2 rayon threads, so each task holds several panels (the one-row
+    /// path's four-panel blocks) whatever the machine's width.
+    fn on_narrow_pools(f: impl Fn() + Sync) {
+        for threads in [1, 2] {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool")
+                .install(&f);
+        }
+    }
+
     #[test]
     fn matches_candle_matmul() {
+        on_narrow_pools(matches_candle_matmul_here);
+    }
+
+    fn matches_candle_matmul_here() {
         // Row counts that use every tile width, widths that leave a partial last panel.
         for (n, out, k) in [
             (1, 130, 70),
@@ -472,6 +492,10 @@ mod tests {
 
     #[test]
     fn a_row_does_not_depend_on_the_rest_of_the_batch() {
+        on_narrow_pools(a_row_does_not_depend_on_the_rest_of_the_batch_here);
+    }
+
+    fn a_row_does_not_depend_on_the_rest_of_the_batch_here() {
         // Every tile width (6, 4, 2, 1 rows) and the one-row path give each row the same bits.
         let (out, k) = (300, 70);
         let w = Tensor::randn(0f32, 1.0, (out, k), &Device::Cpu).expect("randn");
