@@ -125,6 +125,24 @@ pub(crate) fn mask_value(dtype: DType) -> f32 {
 }
 
 impl Model {
+    /// Every layer's seven projections, then the LM head.
+    pub fn projections_mut(&mut self) -> impl Iterator<Item = &mut Proj> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.q,
+                    &mut l.k,
+                    &mut l.v,
+                    &mut l.o,
+                    &mut l.gate,
+                    &mut l.up,
+                    &mut l.down,
+                ]
+            })
+            .chain(std::iter::once(&mut self.lm_head))
+    }
+
     /// Bind the weights in `map` (HF names) for `config`.
     pub fn new(config: &ModelConfig, map: &VarMap) -> Result<Self> {
         config.validate()?;

@@ -412,22 +412,7 @@ impl Model {
         if self.lm_head.quantized.is_some() || self.layers.iter().any(|l| l.q.quantized.is_some()) {
             return Ok(0);
         }
-        let projs = self
-            .layers
-            .iter_mut()
-            .flat_map(|l| {
-                [
-                    &mut l.q,
-                    &mut l.k,
-                    &mut l.v,
-                    &mut l.o,
-                    &mut l.gate,
-                    &mut l.up,
-                    &mut l.down,
-                ]
-            })
-            .chain(std::iter::once(&mut self.lm_head));
-        for p in projs {
+        for p in self.projections_mut() {
             if let Some(packed) = PackedWeight::pack(&p.weight)? {
                 bytes += (packed.data.len() * 4) as u64;
                 p.packed = Some(std::sync::Arc::new(packed));

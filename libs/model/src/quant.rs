@@ -34,19 +34,8 @@ fn quantize_proj(p: &mut Proj) -> Result<bool> {
 /// Quantize `model`'s projections (and the LM head) to q8_0; returns how many were.
 pub fn quantize_q8_0(model: &mut Model) -> Result<usize> {
     let mut n = 0;
-    for l in &mut model.layers {
-        for p in [
-            &mut l.q,
-            &mut l.k,
-            &mut l.v,
-            &mut l.o,
-            &mut l.gate,
-            &mut l.up,
-            &mut l.down,
-        ] {
-            n += usize::from(quantize_proj(p)?);
-        }
+    for p in model.projections_mut() {
+        n += usize::from(quantize_proj(p)?);
     }
-    n += usize::from(quantize_proj(&mut model.lm_head)?);
     Ok(n)
 }
