@@ -21,16 +21,15 @@ pub fn target_count(label_mask: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()?)
 }
 
-/// Summed negative log-likelihood of the unmasked next-token targets, divided by
-/// `normalizer` (the unmasked count of this batch when `None`; pass the count over all
-/// micro-batches when accumulating gradients so the sum equals the large-batch loss).
-pub fn causal_lm_loss(
-    logits: &Tensor,
+/// The targets' normaliser (`normalizer`, or this batch's unmasked count), after checking
+/// that `input_ids` and `label_mask` are `[b, t]` and some target counts.
+fn checked_count(
+    b: usize,
+    t: usize,
     input_ids: &Tensor,
     label_mask: &Tensor,
     normalizer: Option<f64>,
-) -> Result<Tensor> {
-    let (b, t, v) = logits.dims3()?;
+) -> Result<f64> {
     if input_ids.dims() != [b, t] || label_mask.dims() != [b, t] {
         return Err(ModelError::input(
             "label_mask",
@@ -45,6 +44,20 @@ pub fn causal_lm_loss(
     if count <= 0.0 || t < 2 {
         return Err(ModelError::input("label_mask", "no unmasked target tokens"));
     }
+    Ok(count)
+}
+
+/// Summed negative log-likelihood of the unmasked next-token targets, divided by
+/// `normalizer` (the unmasked count of this batch when `None`; pass the count over all
+/// micro-batches when accumulating gradients so the sum equals the large-batch loss).
+pub fn causal_lm_loss(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    label_mask: &Tensor,
+    normalizer: Option<f64>,
+) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let count = checked_count(b, t, input_ids, label_mask, normalizer)?;
     let n = b * (t - 1);
     let logp =
         crate::train_ops::log_softmax_last_dim(&logits.narrow(1, 0, t - 1)?.reshape((n, v))?)?;
@@ -84,21 +97,13 @@ pub fn lm_head_loss(
 ) -> Result<(f64, Tensor)> {
     let (b, t, h) = hidden.dims3()?;
     let (v, h2) = weight.dims2()?;
-    if input_ids.dims() != [b, t] || label_mask.dims() != [b, t] || h != h2 {
+    if h != h2 {
         return Err(ModelError::input(
-            "label_mask",
-            format!(
-                "input_ids {:?} and label_mask {:?} must both be [{b}, {t}] (weight {:?})",
-                input_ids.dims(),
-                label_mask.dims(),
-                weight.dims()
-            ),
+            "weight",
+            format!("weight {:?} must be [vocab, {h}]", weight.dims()),
         ));
     }
-    let count = normalizer.unwrap_or(target_count(label_mask)?);
-    if count <= 0.0 || t < 2 {
-        return Err(ModelError::input("label_mask", "no unmasked target tokens"));
-    }
+    let count = checked_count(b, t, input_ids, label_mask, normalizer)?;
     let n = b * (t - 1);
     let dtype = hidden.dtype();
     // Half-precision models get f32 logits; f32 and f64 keep their own.
