@@ -1,5 +1,6 @@
 //! The products of a `small` decode step, packed weights ([`lmforge_model::packed`]) against
-//! candle's gemm, at the row counts a batch of decodes (and a prefill) has; best of 7 runs.
+//! candle's gemm (and the packed q8_0 weights of [`lmforge_model::packed_q8`], with the rate
+//! they read the weight at), at the row counts a batch of decodes (and a prefill) has; best of 7 runs.
 //! The figures behind `packed::MAX_ROWS`:
 //! `cargo run --release -p lmforge-model --example packed_vs_gemm`.
 
@@ -7,6 +8,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use lmforge_model::packed::PackedWeight;
+use lmforge_model::packed_q8::PackedQ8;
 
 fn best_of<F: FnMut() -> candle_core::Result<()>>(mut f: F) -> candle_core::Result<f64> {
     f()?;
@@ -23,11 +25,12 @@ fn best_of<F: FnMut() -> candle_core::Result<()>>(mut f: F) -> candle_core::Resu
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dev = Device::Cpu;
-    println!("| in -> out | rows | candle ms | packed ms | packed GFLOP/s |");
-    println!("| --- | --- | --- | --- | --- |");
+    println!("| in -> out | rows | candle ms | packed ms | packed GFLOP/s | q8_0 ms | q8_0 GB/s |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for (k, out) in [(576, 1536), (1536, 576), (576, 192), (576, 49152)] {
         let w = Tensor::randn(0f32, 1., (out, k), &dev)?;
         let packed = PackedWeight::pack(&w)?.ok_or("f32 CPU weight")?;
+        let q8 = PackedQ8::quantize(&w)?;
         for n in [1usize, 2, 4, 8, 16, 32, 64, 256] {
             let x = Tensor::randn(0f32, 1., (n, k), &dev)?;
             let flops = 2.0 * (n * k * out) as f64;
@@ -38,8 +41,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .map(drop)
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))
             })?;
+            let (q8_ms, q8_gbs) = match &q8 {
+                Some(q8) => {
+                    let t = best_of(|| {
+                        q8.matmul_t(&x)
+                            .map(drop)
+                            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                    })?;
+                    (
+                        format!("{:.3}", t * 1e3),
+                        format!("{:.1}", q8.bytes() as f64 / t / 1e9),
+                    )
+                }
+                None => ("-".into(), "-".into()),
+            };
             println!(
-                "| {k} -> {out} | {n} | {:.3} | {:.3} | {:.1} |",
+                "| {k} -> {out} | {n} | {:.3} | {:.3} | {:.1} | {q8_ms} | {q8_gbs} |",
                 gemm * 1e3,
                 ours * 1e3,
                 flops / ours / 1e9

@@ -13,6 +13,47 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::{BlockTable, PagedKvCache};
 use crate::model::{Model, mask_value};
 
+/// Keeps the rayon pool's other workers awake, taking work, until dropped.
+///
+/// Between two products of a decode step the forward thread runs a few small ops (tens of
+/// microseconds), long enough for idle rayon workers to go to sleep on a futex; every product
+/// then paid a wake-up system call and the sleeper's scheduling delay before its other half
+/// could start, about a fifth of a `small` batch-1 decode step. Each other worker instead
+/// runs a job that takes pending rayon work ([`rayon::yield_now`]) and spins while there is
+/// none, until the forward ends. The forward thread's own copy of that job returns at once,
+/// so it can never wait on itself.
+struct KeepWorkersAwake {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl KeepWorkersAwake {
+    fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let here = rayon::current_thread_index();
+        if rayon::current_num_threads() > 1 {
+            let flag = done.clone();
+            rayon::spawn_broadcast(move |ctx| {
+                if Some(ctx.index()) == here {
+                    return;
+                }
+                while !flag.load(Ordering::Acquire) {
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+        }
+        Self { done }
+    }
+}
+
+impl Drop for KeepWorkersAwake {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// One sequence's part of a batched forward: the new tokens and its block table.
 /// The tokens take positions `table.len ..`; the table is advanced by the forward.
 #[derive(Debug)]
@@ -28,13 +69,17 @@ impl Model {
     /// The forward runs on a rayon worker: each packed product ([`crate::packed`]) then keeps one
     /// share of its rows on the current worker and hands the rest to the others, instead of
     /// the caller blocking while every worker is woken for every one of the ~200 products of
-    /// a step (about 20% of a `small` batch-1 decode step).
+    /// a step (about 20% of a `small` batch-1 decode step). Meanwhile the other workers stay
+    /// awake ([`KeepWorkersAwake`]).
     pub fn forward_batch(
         &self,
         cache: &mut PagedKvCache,
         seqs: &mut [SeqInput<'_>],
     ) -> Result<Tensor> {
-        rayon::scope(|_| self.forward_batch_on_worker(cache, seqs))
+        rayon::scope(|_| {
+            let _awake = KeepWorkersAwake::start();
+            self.forward_batch_on_worker(cache, seqs)
+        })
     }
 
     fn forward_batch_on_worker(

@@ -11,7 +11,7 @@
 //!   the packed weights of its decode-step products.
 //! - [`sampling`], [`stopping`]: per-request samplers; stop checks and streaming detokenizer.
 //! - [`tokenizer`], [`chat`]: HF tokenizers, BPE training, chat templates, label masks.
-//! - [`lora`]: PEFT-compatible LoRA adapters; [`quant`]: q8_0 serving weights.
+//! - [`lora`]: PEFT-compatible LoRA adapters; [`quant`], [`packed_q8`]: q8_0 serving weights.
 //! - [`alloc_tuning`]: glibc malloc settings that spare every step its page faults.
 //! - [`rng`]: the seeded, checkpointable random generator everything draws from.
 
@@ -29,6 +29,7 @@ mod mmap;
 pub mod model;
 pub mod optim;
 pub mod packed;
+pub mod packed_q8;
 pub mod quant;
 pub mod rng;
 pub mod sampling;

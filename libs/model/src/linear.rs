@@ -2,8 +2,7 @@
 //! LoRA adapter (`+ scale · B A x`), an optional q8_0 quantized weight for serving, and
 //! seeded dropout ([`dropout`]) drawn from the crate's [`Rng`] so training is reproducible.
 
-use candle_core::quantized::QMatMul;
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::rng::Rng;
@@ -28,7 +27,7 @@ pub struct Proj {
     pub bias: Option<Tensor>,
     pub lora: Option<LoraAdapter>,
     /// When set, serving uses this instead of `weight` (q8_0 weights).
-    pub quantized: Option<std::sync::Arc<QMatMul>>,
+    pub quantized: Option<std::sync::Arc<crate::quant::Q8Weight>>,
     /// `weight` packed for the serving forward's small products (see [`crate::packed`]),
     /// set by [`crate::Model::pack_for_serving`].
     pub packed: Option<std::sync::Arc<crate::packed::PackedWeight>>,

@@ -1,21 +1,65 @@
-//! q8_0 serving weights through candle's quantized matmul.
+//! q8_0 serving weights.
 //!
 //! [`quantize_q8_0`] gives every projection whose input width is a multiple of the 32-wide
 //! q8_0 block a quantized copy that the serving forward uses instead of the float weight
 //! (see `Proj::forward`); others stay in float, and norms and embeddings are never
-//! quantized. Training should keep using the float weights.
+//! quantized. Training should keep using the float weights. On CPUs with AVX-512 VNNI the
+//! copy is a [`PackedQ8`] (the same q8_0 numbers in panels for integer dot products); on
+//! others it is candle's q8_0 matmul.
 
 use std::sync::Arc;
 
-use candle_core::DType;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Tensor};
 
 use crate::error::Result;
 use crate::linear::Proj;
 use crate::model::Model;
+use crate::packed_q8::PackedQ8;
 
 /// Width of a q8_0 block: a quantizable weight's input dimension must be a multiple of it.
 pub const Q8_0_BLOCK: usize = 32;
+
+/// A projection's q8_0 serving weight.
+#[derive(Debug)]
+pub enum Q8Weight {
+    /// Packed for AVX-512 VNNI ([`crate::packed_q8`]).
+    Packed(PackedQ8),
+    /// candle's quantized matmul (ggml's block layout), everywhere else.
+    Candle(QMatMul),
+}
+
+impl Q8Weight {
+    /// Quantize a `[out, in]` weight (`in` a multiple of [`Q8_0_BLOCK`]) for this CPU.
+    pub fn new(w: &Tensor) -> Result<Self> {
+        if let Some(p) = PackedQ8::quantize(w)? {
+            return Ok(Self::Packed(p));
+        }
+        Self::candle(w)
+    }
+
+    /// candle's q8_0 matmul of `w`, whatever the CPU.
+    pub fn candle(w: &Tensor) -> Result<Self> {
+        let q = QTensor::quantize(&w.to_dtype(DType::F32)?, GgmlDType::Q8_0)?;
+        Ok(Self::Candle(QMatMul::from_qtensor(q)?))
+    }
+
+    /// `x [.., in] · wᵀ`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Packed(p) if x.rank() == 2 => p.matmul_t(x)?,
+            Self::Packed(p) => {
+                let dims = x.dims();
+                let inner = dims[dims.len() - 1];
+                let y = p.matmul_t(&x.reshape((x.elem_count() / inner, inner))?)?;
+                let mut out = dims.to_vec();
+                *out.last_mut().expect("rank > 2") = y.dim(1)?;
+                y.reshape(out)?
+            }
+            Self::Candle(q) => q.forward(x)?,
+        })
+    }
+}
 
 fn quantize_proj(p: &mut Proj) -> Result<bool> {
     // candle's q8_0 matmul runs on its own spinning thread pool; rayon tasks from the packed
@@ -25,9 +69,7 @@ fn quantize_proj(p: &mut Proj) -> Result<bool> {
     if !p.weight.dim(1)?.is_multiple_of(Q8_0_BLOCK) {
         return Ok(false);
     }
-    let w = p.weight.to_dtype(DType::F32)?;
-    let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
-    p.quantized = Some(Arc::new(QMatMul::from_qtensor(q)?));
+    p.quantized = Some(Arc::new(Q8Weight::new(&p.weight)?));
     Ok(true)
 }
 

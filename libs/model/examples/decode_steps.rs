@@ -1,0 +1,68 @@
+//! Greedy decode steps of a shape with random weights, for profiling one configuration:
+//! `cargo run --release -p lmforge-model --example decode_steps -- small 1 q8 200`
+//! (shape, batch, `f32` or `q8`, steps); prints decode tokens/s.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use lmforge_model::infer::SeqInput;
+use lmforge_model::kv_cache::{BlockTable, PagedKvCache};
+use lmforge_model::{Model, ModelConfig, quant, weights};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let shape = args.get(1).map_or("small", String::as_str);
+    let batch: usize = args.get(2).map_or(Ok(1), |s| s.parse())?;
+    let q8 = args.get(3).is_some_and(|s| s == "q8");
+    let steps: usize = args.get(4).map_or(Ok(200), |s| s.parse())?;
+    let cfg = match shape {
+        "tiny" => ModelConfig::tiny(),
+        "small" => ModelConfig::small(),
+        _ => return Err("shape: tiny or small".into()),
+    };
+    let map = weights::init_weights(&cfg, DType::F32, &Device::Cpu, 0)?;
+    let mut model = Model::new(&cfg, &map)?;
+    if q8 {
+        quant::quantize_q8_0(&mut model)?;
+    } else {
+        model.pack_for_serving()?;
+    }
+    let prompt = 32;
+    let blocks = (prompt + steps).div_ceil(16);
+    let mut cache = PagedKvCache::new(&cfg, batch * blocks, 16, DType::F32, &Device::Cpu)?;
+    let mut tables = vec![BlockTable::default(); batch];
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|b| {
+            (0..prompt as u32)
+                .map(|i| (i * 7 + b as u32) % 1000)
+                .collect()
+        })
+        .collect();
+    let mut inputs: Vec<SeqInput<'_>> = tables
+        .iter_mut()
+        .zip(&prompts)
+        .map(|(table, p)| SeqInput { tokens: p, table })
+        .collect();
+    model.forward_batch(&mut cache, &mut inputs)?;
+    drop(inputs);
+    let start = Instant::now();
+    for step in 0..steps {
+        let toks: Vec<[u32; 1]> = (0..batch)
+            .map(|b| [(step * 13 + b) as u32 % 1000])
+            .collect();
+        let mut inputs: Vec<SeqInput<'_>> = tables
+            .iter_mut()
+            .zip(&toks)
+            .map(|(table, t)| SeqInput { tokens: t, table })
+            .collect();
+        model.forward_batch(&mut cache, &mut inputs)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{shape} batch {batch} {}: {:.1} tok/s ({:.2} ms a step)",
+        if q8 { "q8_0" } else { "f32" },
+        (batch * steps) as f64 / secs,
+        secs * 1e3 / steps as f64
+    );
+    Ok(())
+}
