@@ -73,6 +73,7 @@ bench:
 bench-serve:
 	$(WITH_SERVICES) $(CARGO) run --release --bin lmforge -- bench serve --shape tiny --json target/bench-serve-tiny.json
 	$(WITH_SERVICES) $(CARGO) run --release --bin lmforge -- bench serve --shape small --json target/bench-serve-small.json
+	$(WITH_SERVICES) $(CARGO) run --release --bin lmforge -- bench serve --shape small --weights q8_0 --json target/bench-serve-small-q8_0.json
 
 clean: services-down
 	$(CARGO) clean

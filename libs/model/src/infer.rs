@@ -140,13 +140,12 @@ impl Model {
         // and (for chunks longer than one token, or with a sliding window) an additive mask.
         let mut plans = Vec::with_capacity(seqs.len());
         let mut offset = 0;
-        let decoding = seqs.iter().filter(|s| s.tokens.len() == 1).count();
         for s in seqs.iter() {
             let (start, len) = (s.table.len, s.tokens.len());
             let ctx = start + len;
-            // Decode tokens attend as a group when there are several (see DecodeGroup): their
-            // per-sequence slots and masks would go unused.
-            let (slots, mask) = if len == 1 && decoding >= 2 {
+            // Decode tokens attend as a group (see DecodeGroup): their per-sequence slots and
+            // masks would go unused.
+            let (slots, mask) = if len == 1 {
                 (Vec::new(), None)
             } else {
                 (
@@ -318,7 +317,8 @@ struct DecodeGroup {
 }
 
 impl DecodeGroup {
-    /// `None` when fewer than two sequences decode (the per-sequence path is as good).
+    /// `None` when no sequence decodes. A lone decode token goes through the group too, so
+    /// its attention is computed the same way alone as beside others.
     fn new(
         model: &Model,
         cache: &PagedKvCache,
@@ -327,7 +327,7 @@ impl DecodeGroup {
         device: &Device,
     ) -> Result<Option<Self>> {
         let members: Vec<usize> = (0..plans.len()).filter(|&i| plans[i].2 == 1).collect();
-        if members.len() < 2 {
+        if members.is_empty() {
             return Ok(None);
         }
         let max_ctx = members.iter().map(|&i| plans[i].1 + 1).max().unwrap_or(1);
@@ -470,6 +470,69 @@ impl pulp::WithSimd for AttendHead<'_> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let g = self.q.len() / self.hd;
+        if self.slots.is_empty() {
+            return;
+        }
+        if self.hd.is_multiple_of(S::F32_LANES) {
+            // Head widths and group sizes of the common models: queries, keys, values and
+            // the group's outputs in registers.
+            match (self.hd / S::F32_LANES, g) {
+                (2, 1) => return self.fixed::<S, 2, 1>(simd),
+                (2, 2) => return self.fixed::<S, 2, 2>(simd),
+                (2, 3) => return self.fixed::<S, 2, 3>(simd),
+                (2, 4) => return self.fixed::<S, 2, 4>(simd),
+                (4, 1) => return self.fixed::<S, 4, 1>(simd),
+                (4, 2) => return self.fixed::<S, 4, 2>(simd),
+                (4, 3) => return self.fixed::<S, 4, 3>(simd),
+                (4, 4) => return self.fixed::<S, 4, 4>(simd),
+                (8, 1) => return self.fixed::<S, 8, 1>(simd),
+                (8, 2) => return self.fixed::<S, 8, 2>(simd),
+                _ => {}
+            }
+        }
+        self.any(simd)
+    }
+}
+
+/// A cached row of one kv head.
+#[inline(always)]
+fn kv_row(cache: &[f32], slot: u32, nkv: usize, kv_head: usize, hd: usize) -> &[f32] {
+    let at = (slot as usize * nkv + kv_head) * hd;
+    &cache[at..at + hd]
+}
+
+/// Each row of `scores` (`ctx` wide) turned into its softmax in place, with the vectorised
+/// exp of the sampler.
+#[inline(always)]
+fn softmax_rows(scores: &mut [f32], ctx: usize) {
+    for sc in scores.chunks_exact_mut(ctx) {
+        let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut lanes = [0f32; 16];
+        let mut chunks = sc.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for (acc, s) in lanes.iter_mut().zip(c) {
+                *s = crate::sampling::exp_nonpositive(*s - max);
+                *acc += *s;
+            }
+        }
+        let mut total = 0f32;
+        for s in chunks.into_remainder() {
+            *s = crate::sampling::exp_nonpositive(*s - max);
+            total += *s;
+        }
+        let inv = 1.0 / (lanes.iter().sum::<f32>() + total);
+        for s in sc.iter_mut() {
+            *s *= inv;
+        }
+    }
+}
+
+impl AttendHead<'_> {
+    /// `V` vectors a head, `G` query heads: each cached key and value row is loaded once
+    /// into registers for the whole group, the queries and the outputs stay in registers.
+    #[inline(always)]
+    fn fixed<S: pulp::Simd, const V: usize, const G: usize>(self, simd: S) {
         let AttendHead {
             slots,
             q,
@@ -481,10 +544,54 @@ impl pulp::WithSimd for AttendHead<'_> {
             scale,
             out,
         } = self;
-        fn row(cache: &[f32], slot: u32, nkv: usize, kv_head: usize, hd: usize) -> &[f32] {
-            let at = (slot as usize * nkv + kv_head) * hd;
-            &cache[at..at + hd]
+        let vecs = |row: &[f32]| -> [S::f32s; V] {
+            let (v, _) = S::as_simd_f32s(row);
+            std::array::from_fn(|i| v[i])
+        };
+        let qv: [[S::f32s; V]; G] = std::array::from_fn(|h| vecs(&q[h * hd..(h + 1) * hd]));
+        let ctx = slots.len();
+        let mut scores = vec![0f32; G * ctx];
+        for (j, &slot) in slots.iter().enumerate() {
+            let k = vecs(kv_row(ks, slot, nkv, kv_head, hd));
+            for h in 0..G {
+                let mut acc = simd.mul_f32s(qv[h][0], k[0]);
+                for v in 1..V {
+                    acc = simd.mul_add_e_f32s(qv[h][v], k[v], acc);
+                }
+                scores[h * ctx + j] = simd.reduce_sum_f32s(acc) * scale;
+            }
         }
+        softmax_rows(&mut scores, ctx);
+        let mut acc = [[simd.splat_f32s(0.0); V]; G];
+        for (j, &slot) in slots.iter().enumerate() {
+            let v_row = vecs(kv_row(vs, slot, nkv, kv_head, hd));
+            for h in 0..G {
+                let w = simd.splat_f32s(scores[h * ctx + j]);
+                for v in 0..V {
+                    acc[h][v] = simd.mul_add_e_f32s(w, v_row[v], acc[h][v]);
+                }
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            let (o, _) = S::as_mut_simd_f32s(&mut out[h * hd..(h + 1) * hd]);
+            o[..V].copy_from_slice(acc);
+        }
+    }
+
+    /// Any head width and group size.
+    #[inline(always)]
+    fn any<S: pulp::Simd>(self, simd: S) {
+        let AttendHead {
+            slots,
+            q,
+            ks,
+            vs,
+            kv_head,
+            nkv,
+            hd,
+            scale,
+            out,
+        } = self;
         let dot = |a: &[f32], b: &[f32]| {
             let (av, at) = S::as_simd_f32s(a);
             let (bv, bt) = S::as_simd_f32s(b);
@@ -496,29 +603,16 @@ impl pulp::WithSimd for AttendHead<'_> {
         };
         // Each cached key and value row is read once for all the group's query heads.
         let ctx = slots.len();
-        if ctx == 0 {
-            return;
-        }
         let mut scores = vec![0f32; q.len() / hd * ctx];
         for (j, &slot) in slots.iter().enumerate() {
-            let k = row(ks, slot, nkv, kv_head, hd);
+            let k = kv_row(ks, slot, nkv, kv_head, hd);
             for (qv, sc) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(ctx)) {
                 sc[j] = dot(qv, k) * scale;
             }
         }
-        for sc in scores.chunks_exact_mut(ctx) {
-            let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut total = 0f32;
-            for s in sc.iter_mut() {
-                *s = (*s - max).exp();
-                total += *s;
-            }
-            for s in sc.iter_mut() {
-                *s /= total;
-            }
-        }
+        softmax_rows(&mut scores, ctx);
         for (j, &slot) in slots.iter().enumerate() {
-            let (vv, vt) = S::as_simd_f32s(row(vs, slot, nkv, kv_head, hd));
+            let (vv, vt) = S::as_simd_f32s(kv_row(vs, slot, nkv, kv_head, hd));
             for (acc, sc) in out.chunks_exact_mut(hd).zip(scores.chunks_exact(ctx)) {
                 let w = sc[j];
                 let wv = simd.splat_f32s(w);

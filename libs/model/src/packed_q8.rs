@@ -64,14 +64,15 @@ pub fn available() -> bool {
     }
 }
 
-/// `round(v / d)` for a block with scale `d = max|v| / 127` (ggml's `quantize_row_q8_0`):
-/// returns the f32 scale and fills `q`.
+/// `round(v / d)` for a block with scale `d = max|v| / 127` (ggml's `quantize_row_q8_0`, with
+/// ties rounded to even): returns the f32 scale and fills `q`.
 fn quantize_block(v: &[f32], q: &mut [i8]) -> f32 {
     let amax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
     let d = amax / 127.0;
     let id = if d == 0.0 { 0.0 } else { 1.0 / d };
     for (q, &x) in q.iter_mut().zip(v) {
-        *q = (x * id).round() as i8;
+        // Ties to even, as the vector conversion of `kernel::quantize_rows` rounds.
+        *q = (x * id).round_ties_even() as i8;
     }
     d
 }
@@ -90,6 +91,22 @@ struct Acts {
 impl Acts {
     fn new(xs: &[f32], n: usize, k: usize) -> Self {
         let nb = k / QK;
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            let mut acts = Self {
+                quads: vec![0; n * k / 4],
+                scales: vec![0.0; n * nb],
+                starts: vec![0; n * nb],
+                nb,
+            };
+            // SAFETY: the features are checked just above; the buffers are sized for
+            // `xs.len() / QK` blocks, as the kernel asserts.
+            #[allow(unsafe_code)]
+            unsafe {
+                kernel::quantize_rows(xs, &mut acts)
+            };
+            return acts;
+        }
         let mut quads = Vec::with_capacity(n * k / 4);
         let mut scales = Vec::with_capacity(n * nb);
         let mut starts = Vec::with_capacity(n * nb);
@@ -117,6 +134,50 @@ mod kernel {
     use std::arch::x86_64::*;
 
     use super::{Acts, LINES, Line, PANEL};
+
+    /// Quantize `xs` (whole blocks of [`super::QK`]) into `acts` as [`super::quantize_block`]
+    /// does, 32 values at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F/BW ([`super::available`]).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn quantize_rows(xs: &[f32], acts: &mut Acts) {
+        let blocks = xs.len() / super::QK;
+        assert!(
+            acts.scales.len() == blocks
+                && acts.starts.len() == blocks
+                && acts.quads.len() == blocks * 8
+        );
+        for (((x, quads), scale), start) in xs
+            .chunks_exact(super::QK)
+            .zip(acts.quads.chunks_exact_mut(8))
+            .zip(&mut acts.scales)
+            .zip(&mut acts.starts)
+        {
+            // SAFETY: 32 in-bounds f32 of the block; loadu needs no alignment.
+            let (a, b) = unsafe {
+                (
+                    _mm512_loadu_ps(x.as_ptr()),
+                    _mm512_loadu_ps(x.as_ptr().add(16)),
+                )
+            };
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            let d = amax / 127.0;
+            let id = _mm512_set1_ps(if d == 0.0 { 0.0 } else { 1.0 / d });
+            // The default rounding mode: to nearest, ties to even.
+            let qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, id));
+            let qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
+            *scale = d;
+            *start = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+            // SAFETY: 32 bytes into the block's 8 in-bounds i32.
+            unsafe {
+                let out = quads.as_mut_ptr().cast::<__m128i>();
+                _mm_storeu_si128(out, _mm512_cvtepi32_epi8(qa));
+                _mm_storeu_si128(out.add(1), _mm512_cvtepi32_epi8(qb));
+            }
+        }
+    }
 
     /// Blocks `b0..b1` of `P` panels (`panels[p]`: a panel's lines from block 0) times
     /// activation rows `r0..r0 + R`, added into `acc[r][p]` (each `PANEL` outputs): per block,

@@ -128,7 +128,7 @@ pub fn apply_penalties(
 /// trick and `g` reduced with a two-part ln 2 (Cody–Waite), `e^g` by its degree-7 Taylor
 /// series (|g| ≤ 0.35), `2^n` built in the exponent bits.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;

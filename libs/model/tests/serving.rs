@@ -148,3 +148,18 @@ fn sliding_window_is_applied_in_both_forwards() {
     cfg.sliding_window = Some(3);
     run_schedule(&cfg, true);
 }
+
+#[test]
+fn batched_paged_decode_with_wide_heads_matches_training_forward() {
+    // Head widths of real models (64 and 32) take the decode attention's register-resident
+    // paths (groups of 3 and 2 query heads a kv head); the micro config's 4-wide heads the
+    // general one.
+    for (heads, kv_heads, head_dim) in [(3, 1, 64), (4, 2, 32)] {
+        let mut cfg = common::micro_config(Architecture::Llama, false);
+        cfg.num_attention_heads = heads;
+        cfg.num_key_value_heads = kv_heads;
+        cfg.head_dim = head_dim;
+        cfg.hidden_size = 64;
+        run_schedule(&cfg, true);
+    }
+}

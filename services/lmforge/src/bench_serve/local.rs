@@ -203,6 +203,8 @@ pub struct LocalOptions {
     pub nats: NatsArgs,
     /// How long every service may take to report SERVING.
     pub ready_timeout: Duration,
+    /// Quantization the model is loaded with.
+    pub quantization: pb::Quantization,
 }
 
 impl LocalStack {
@@ -238,7 +240,7 @@ impl LocalStack {
                     .context("starting the stack (are Postgres and NATS up? `make services`)"));
             }
         };
-        match local.load(checkpoint, name).await {
+        match local.load(checkpoint, name, options.quantization).await {
             Ok(model_ref) => {
                 local.model_ref = model_ref;
                 Ok(local)
@@ -250,7 +252,12 @@ impl LocalStack {
         }
     }
 
-    async fn load(&self, checkpoint: &Path, name: &str) -> anyhow::Result<String> {
+    async fn load(
+        &self,
+        checkpoint: &Path,
+        name: &str,
+        quantization: pb::Quantization,
+    ) -> anyhow::Result<String> {
         let registry = format!("http://{}", service(&self.stack, "registry")?);
         let mut registry = model_cmd::connect(&registry).await?;
         let version = model_cmd::import(&mut registry, checkpoint, name, None, false)
@@ -261,6 +268,7 @@ impl LocalStack {
         let loaded = inference
             .load_model(pb::LoadModelRequest {
                 model_ref: model_ref.clone(),
+                quantization: quantization as i32,
                 set_default: true,
                 ..Default::default()
             })

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
+use lmforge_proto::v1 as pb;
 use lmforge_proto::v1::inference_service_client::InferenceServiceClient;
 use lmforge_runtime::args::{NatsArgs, PostgresArgs, parse_duration};
 use serde_json::json;
@@ -53,6 +54,25 @@ pub enum ArrivalKind {
     Poisson,
 }
 
+/// Serving weights of `bench serve`'s local checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Weights {
+    /// As written: f32.
+    F32,
+    /// Quantized to q8_0 when the inference service loads it.
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl Weights {
+    fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Q8_0 => "q8_0",
+        }
+    }
+}
+
 /// Flags of `lmforge bench serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -66,6 +86,10 @@ pub struct ServeArgs {
     /// BENCH.md shape of the local checkpoint (also picks the ratio checks).
     #[arg(long, value_enum, default_value_t = Shape::Tiny)]
     pub shape: Shape,
+    /// Serving weights of the local checkpoint: as stored (f32) or quantized to q8_0 at load
+    /// (the transformers reference stays f32).
+    #[arg(long, value_enum, default_value_t = Weights::F32, conflicts_with = "inference_url")]
+    pub weights: Weights,
     /// Concurrency levels, one run each: clients (closed) or the in-flight cap (Poisson).
     #[arg(long, value_delimiter = ',', default_value = "1,8,32,64",
           value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -213,8 +237,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         measured.model.as_str()
     };
     println!(
-        "lmforge bench serve · {target} · model {model} · {arrival} · prompt {} · output {}",
-        args.prompt_len, args.output_len
+        "lmforge bench serve · {target} · model {model}{} · {arrival} · prompt {} · output {}",
+        if shape.is_some() {
+            format!(" ({} weights)", args.weights.name())
+        } else {
+            String::new()
+        },
+        args.prompt_len,
+        args.output_len
     );
     print!("{}", report::table(&measured.levels));
     if let Some(reference) = &reference {
@@ -233,6 +263,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "target": target,
             "model": measured.model,
             "shape": shape,
+            "weights": shape.map(|_| args.weights.name()),
             "arrival": arrival.to_string(),
             "rate": args.rate,
             "concurrency": args.concurrency,
@@ -292,6 +323,10 @@ async fn local_run(
         postgres: args.postgres.clone(),
         nats: args.nats.clone(),
         ready_timeout: args.ready_timeout,
+        quantization: match args.weights {
+            Weights::F32 => pb::Quantization::Unspecified,
+            Weights::Q8_0 => pb::Quantization::Q80,
+        },
     };
     let name = format!("bench-{}", shape.name());
     let stack = LocalStack::start(options, dir.path(), &name).await?;
