@@ -1,6 +1,7 @@
 //! Greedy decode steps of a shape with random weights, for profiling one configuration:
 //! `cargo run --release -p lmforge-model --example decode_steps -- small 1 q8 200`
-//! (shape, batch, `f32` or `q8`, steps); prints decode tokens/s.
+//! (shape, batch, `f32` or `q8`, steps); prints decode tokens/s. With 0 steps it times the
+//! prefill of `batch` 32-token prompts instead.
 
 use std::time::Instant;
 
@@ -28,6 +29,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         model.pack_for_serving()?;
     }
     let prompt = 32;
+    if steps == 0 {
+        // Prefill only: `batch` prompts of 32 tokens in one forward, 10 times.
+        let start = Instant::now();
+        for _ in 0..10 {
+            let mut cache = PagedKvCache::new(&cfg, batch * 2, 16, DType::F32, &Device::Cpu)?;
+            let mut tables = vec![BlockTable::default(); batch];
+            let prompts: Vec<Vec<u32>> = (0..batch)
+                .map(|b| (0..prompt as u32).map(|i| (i * 7 + b as u32) % 1000).collect())
+                .collect();
+            let mut inputs: Vec<SeqInput<'_>> = tables
+                .iter_mut()
+                .zip(&prompts)
+                .map(|(table, p)| SeqInput { tokens: p, table })
+                .collect();
+            model.forward_batch(&mut cache, &mut inputs)?;
+        }
+        let secs = start.elapsed().as_secs_f64() / 10.0;
+        println!(
+            "{shape} prefill of {batch} × {prompt} tokens: {:.1} tok/s ({:.1} ms)",
+            (batch * prompt) as f64 / secs,
+            secs * 1e3
+        );
+        return Ok(());
+    }
     let blocks = (prompt + steps).div_ceil(16);
     let mut cache = PagedKvCache::new(&cfg, batch * blocks, 16, DType::F32, &Device::Cpu)?;
     let mut tables = vec![BlockTable::default(); batch];
