@@ -36,7 +36,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut cache = PagedKvCache::new(&cfg, batch * 2, 16, DType::F32, &Device::Cpu)?;
             let mut tables = vec![BlockTable::default(); batch];
             let prompts: Vec<Vec<u32>> = (0..batch)
-                .map(|b| (0..prompt as u32).map(|i| (i * 7 + b as u32) % 1000).collect())
+                .map(|b| {
+                    (0..prompt as u32)
+                        .map(|i| (i * 7 + b as u32) % 1000)
+                        .collect()
+                })
                 .collect();
             let mut inputs: Vec<SeqInput<'_>> = tables
                 .iter_mut()

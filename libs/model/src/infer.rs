@@ -37,9 +37,18 @@ impl KeepWorkersAwake {
                 if Some(ctx.index()) == here {
                     return;
                 }
+                let mut idle = 0u32;
                 while !flag.load(Ordering::Acquire) {
-                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                        std::hint::spin_loop();
+                    if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                        idle = 0;
+                        continue;
+                    }
+                    std::hint::spin_loop();
+                    idle = idle.wrapping_add(1);
+                    // Now and then let the OS run another thread, in case the pool has more
+                    // threads than the machine has free cores (the forward's own included).
+                    if idle.is_multiple_of(256) {
+                        std::thread::yield_now();
                     }
                 }
             });
