@@ -61,46 +61,71 @@ fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 /// then paid a wake-up system call and the sleeper's scheduling delay before its other half
 /// could start, about a fifth of a `small` batch-1 decode step. Each other worker instead
 /// runs a job that takes pending rayon work ([`rayon::yield_now`]) and spins while there is
-/// none, until the forward ends. The forward thread's own copy of that job returns at once,
-/// so it can never wait on itself.
+/// none, until the forward ends.
+///
+/// A worker waiting inside a join may pick that job up too, which holds the waiting frame
+/// until the job returns. So: the forward thread's own copy returns at once (it never waits
+/// on itself); only one forward in the process keeps workers awake at a time (concurrent
+/// forwards of other models run as before, and no two spinning jobs can each hold a frame
+/// the other's forward needs); and a job that finds no work for [`MAX_IDLE`] returns
+/// anyway, so anything below it resumes soon whatever happens.
 struct KeepWorkersAwake {
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    owner: bool,
 }
+
+/// Whether some forward is keeping the workers awake.
+static AWAKE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// How long a spinning worker waits for work before it returns to rayon's own idling.
+const MAX_IDLE: std::time::Duration = std::time::Duration::from_micros(500);
 
 impl KeepWorkersAwake {
     fn start() -> Self {
         use std::sync::atomic::{AtomicBool, Ordering};
         let done = std::sync::Arc::new(AtomicBool::new(false));
-        let here = rayon::current_thread_index();
-        if rayon::current_num_threads() > 1 {
+        let owner = rayon::current_num_threads() > 1
+            && AWAKE
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+        if owner {
+            let here = rayon::current_thread_index();
             let flag = done.clone();
             rayon::spawn_broadcast(move |ctx| {
                 if Some(ctx.index()) == here {
                     return;
                 }
-                let mut idle = 0u32;
+                let mut idle_since = std::time::Instant::now();
+                let mut spins = 0u32;
                 while !flag.load(Ordering::Acquire) {
                     if rayon::yield_now() == Some(rayon::Yield::Executed) {
-                        idle = 0;
+                        idle_since = std::time::Instant::now();
                         continue;
                     }
                     std::hint::spin_loop();
-                    idle = idle.wrapping_add(1);
-                    // Now and then let the OS run another thread, in case the pool has more
-                    // threads than the machine has free cores (the forward's own included).
-                    if idle.is_multiple_of(256) {
+                    spins = spins.wrapping_add(1);
+                    if spins.is_multiple_of(256) {
+                        if idle_since.elapsed() > MAX_IDLE {
+                            return;
+                        }
+                        // Let the OS run another thread, in case the pool has more threads
+                        // than the machine has free cores (the forward's own included).
                         std::thread::yield_now();
                     }
                 }
             });
         }
-        Self { done }
+        Self { done, owner }
     }
 }
 
 impl Drop for KeepWorkersAwake {
     fn drop(&mut self) {
-        self.done.store(true, std::sync::atomic::Ordering::Release);
+        use std::sync::atomic::Ordering;
+        self.done.store(true, Ordering::Release);
+        if self.owner {
+            AWAKE.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -127,7 +152,9 @@ impl Model {
         seqs: &mut [SeqInput<'_>],
     ) -> Result<Tensor> {
         rayon::scope(|_| {
-            let _awake = KeepWorkersAwake::start();
+            // candle's q8_0 matmul (CPUs without AVX-512 VNNI) runs its own spinning pool:
+            // spinning rayon workers would take its cores.
+            let _awake = (!self.uses_candle_q8_0()).then(KeepWorkersAwake::start);
             self.forward_batch_on_worker(cache, seqs)
         })
     }

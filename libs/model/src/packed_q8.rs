@@ -71,8 +71,8 @@ fn quantize_block(v: &[f32], q: &mut [i8]) -> f32 {
     let d = amax / 127.0;
     let id = if d == 0.0 { 0.0 } else { 1.0 / d };
     for (q, &x) in q.iter_mut().zip(v) {
-        // Ties to even, as the vector conversion of `kernel::quantize_rows` rounds.
-        *q = (x * id).round_ties_even() as i8;
+        // Ties to even and clamped, as `kernel::quantize_rows` does.
+        *q = (x * id).round_ties_even().clamp(-127.0, 127.0) as i8;
     }
     d
 }
@@ -165,9 +165,19 @@ mod kernel {
             let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
             let d = amax / 127.0;
             let id = _mm512_set1_ps(if d == 0.0 { 0.0 } else { 1.0 / d });
-            // The default rounding mode: to nearest, ties to even.
-            let qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, id));
-            let qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
+            // To nearest, ties to even, whatever the rounding mode; clamped, so a block of
+            // non-finite values (or one so small that 1/d overflows) cannot overflow the sum.
+            let round = |v| {
+                let q = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    v,
+                );
+                _mm512_max_epi32(
+                    _mm512_min_epi32(q, _mm512_set1_epi32(127)),
+                    _mm512_set1_epi32(-127),
+                )
+            };
+            let qa = round(_mm512_mul_ps(a, id));
+            let qb = round(_mm512_mul_ps(b, id));
             *scale = d;
             *start = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
             // SAFETY: 32 bytes into the block's 8 in-bounds i32.
@@ -367,7 +377,12 @@ impl PackedQ8 {
         let Ok((out, k)) = w.dims2() else {
             return Ok(None);
         };
-        if out == 0 || k == 0 || !k.is_multiple_of(QK) || !available() {
+        if out == 0
+            || k == 0
+            || !k.is_multiple_of(QK)
+            || !matches!(w.device(), Device::Cpu)
+            || !available()
+        {
             return Ok(None);
         }
         let rows = w.to_dtype(DType::F32)?.contiguous()?.to_vec2::<f32>()?;
@@ -577,6 +592,35 @@ mod tests {
                 assert_eq!(part[..], all[..n], "{n} rows");
             }
         });
+    }
+
+    #[test]
+    fn tiny_and_non_finite_activations_do_not_overflow() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        let w = Tensor::randn(0f32, 1.0, (64, 64), &Device::Cpu).expect("randn");
+        let packed = PackedQ8::quantize(&w).expect("pack").expect("vnni");
+        // A block whose scale's inverse overflows to infinity, and one with an infinity among
+        // finite values: the integer sum used to overflow (a panic with overflow checks).
+        let mut rows = vec![1e-38f32; 32];
+        rows.push(f32::INFINITY);
+        rows.extend(vec![0.25f32; 31]);
+        rows.extend(vec![0.5f32; 64]);
+        let x = Tensor::from_vec(rows, (2, 64), &Device::Cpu).expect("x");
+        let y = packed
+            .matmul_t(&x)
+            .expect("matmul")
+            .to_vec2::<f32>()
+            .expect("y");
+        // The finite row is untouched by the other.
+        let alone = packed
+            .matmul_t(&x.narrow(0, 1, 1).expect("row"))
+            .expect("matmul")
+            .to_vec2::<f32>()
+            .expect("y");
+        assert_eq!(y[1], alone[0]);
     }
 
     #[test]

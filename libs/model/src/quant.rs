@@ -44,20 +44,32 @@ impl Q8Weight {
         Ok(Self::Candle(QMatMul::from_qtensor(q)?))
     }
 
-    /// `x [.., in] · wᵀ`.
+    /// `x [.., in] · wᵀ`, in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Self::Packed(p) if x.rank() == 2 => p.matmul_t(x)?,
             Self::Packed(p) => {
                 let dims = x.dims();
                 let inner = dims[dims.len() - 1];
                 let y = p.matmul_t(&x.reshape((x.elem_count() / inner, inner))?)?;
                 let mut out = dims.to_vec();
-                *out.last_mut().expect("rank > 2") = y.dim(1)?;
-                y.reshape(out)?
+                *out.last_mut().expect("x has at least one dim") = y.dim(1)?;
+                y.reshape(out)?.to_dtype(x.dtype())?
             }
             Self::Candle(q) => q.forward(x)?,
         })
+    }
+}
+
+impl Model {
+    /// Whether any projection runs on candle's q8_0 matmul ([`Q8Weight::Candle`]).
+    pub fn uses_candle_q8_0(&self) -> bool {
+        let candle = |p: &Proj| matches!(p.quantized.as_deref(), Some(Q8Weight::Candle(_)));
+        candle(&self.lm_head)
+            || self.layers.iter().any(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .into_iter()
+                    .any(candle)
+            })
     }
 }
 
@@ -80,4 +92,31 @@ pub fn quantize_q8_0(model: &mut Model) -> Result<usize> {
         n += usize::from(quantize_proj(p)?);
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn answers_in_the_input_dtype() {
+        // Models served in bf16 or f16 feed their activations to the q8_0 product as they are.
+        let w = Tensor::randn(0f32, 1.0, (70, 64), &Device::Cpu).expect("randn");
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &Device::Cpu).expect("randn");
+        for q in [
+            Q8Weight::new(&w).expect("q8"),
+            Q8Weight::candle(&w).expect("q8"),
+        ] {
+            let want = q.forward(&x).expect("f32");
+            assert_eq!(want.dims(), &[2, 3, 70]);
+            for dtype in [DType::BF16, DType::F16] {
+                let y = q
+                    .forward(&x.to_dtype(dtype).expect("cast"))
+                    .expect("forward");
+                assert_eq!((y.dtype(), y.dims()), (dtype, want.dims()));
+            }
+        }
+    }
 }

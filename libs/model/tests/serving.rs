@@ -152,8 +152,8 @@ fn sliding_window_is_applied_in_both_forwards() {
 #[test]
 fn batched_paged_decode_with_wide_heads_matches_training_forward() {
     // Head widths of real models (64 and 32) take the decode attention's register-resident
-    // paths (groups of 3 and 2 query heads a kv head); the micro config's 4-wide heads the
-    // general one.
+    // paths with AVX-512 (groups of 3 and 2 query heads a kv head; with AVX2 the 32-wide
+    // one); the micro config's 4-wide heads the general one.
     for (heads, kv_heads, head_dim) in [(3, 1, 64), (4, 2, 32)] {
         let mut cfg = common::micro_config(Architecture::Llama, false);
         cfg.num_attention_heads = heads;
