@@ -348,6 +348,11 @@ impl PackedWeight {
         Ok(Some(Self { data, out, k }))
     }
 
+    /// Bytes the packed copy takes.
+    pub fn bytes(&self) -> u64 {
+        (self.data.len() * 4) as u64
+    }
+
     /// `x [n, in] · wᵀ` → `[n, out]`.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         let (n, k) = x.dims2()?;
@@ -411,7 +416,7 @@ impl Model {
         }
         for p in self.projections_mut() {
             if let Some(packed) = PackedWeight::pack(&p.weight)? {
-                bytes += (packed.data.len() * 4) as u64;
+                bytes += packed.bytes();
                 p.packed = Some(std::sync::Arc::new(packed));
             }
         }

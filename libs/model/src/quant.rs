@@ -38,6 +38,15 @@ impl Q8Weight {
         Self::candle(w)
     }
 
+    /// Bytes the quantized copy takes.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Self::Packed(p) => p.bytes(),
+            Self::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes() as u64,
+            Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => tensor_bytes(t),
+        }
+    }
+
     /// candle's q8_0 matmul of `w`, whatever the CPU.
     pub fn candle(w: &Tensor) -> Result<Self> {
         let q = QTensor::quantize(&w.to_dtype(DType::F32)?, GgmlDType::Q8_0)?;
@@ -73,7 +82,46 @@ impl Model {
     }
 }
 
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
+}
+
+/// For a model that only serves from now on: drop the float weight of every quantized
+/// projection (a q8_0 model otherwise holds its f32 weights too, ~4× the q8_0 copy), and
+/// return the bytes of what the model still holds: float tensors (each once: a tied LM head
+/// shares the embedding), q8_0 copies, packed copies, biases and adapters.
+///
+/// The released weights become empty `[0, in]` tensors: such a model can still run every
+/// forward, but no longer be trained, saved, merged or packed.
+pub fn release_float_weights(model: &mut Model) -> Result<u64> {
+    let embed = model.embed.id();
+    let mut bytes = tensor_bytes(&model.embed) + tensor_bytes(&model.norm);
+    for l in &model.layers {
+        bytes += tensor_bytes(&l.input_norm) + tensor_bytes(&l.post_norm);
+    }
+    for p in model.projections_mut() {
+        if let Some(q) = &p.quantized {
+            let k = p.weight.dim(1)?;
+            p.weight = Tensor::zeros((0, k), p.weight.dtype(), p.weight.device())?;
+            bytes += q.bytes();
+        } else if p.weight.id() != embed {
+            bytes += tensor_bytes(&p.weight);
+        }
+        if let Some(packed) = &p.packed {
+            bytes += packed.bytes();
+        }
+        bytes += p.bias.as_ref().map_or(0, tensor_bytes);
+        if let Some(l) = &p.lora {
+            bytes += tensor_bytes(&l.a) + tensor_bytes(&l.b);
+        }
+    }
+    Ok(bytes)
+}
+
 fn quantize_proj(p: &mut Proj) -> Result<bool> {
+    if p.quantized.is_some() {
+        return Ok(true);
+    }
     // candle's q8_0 matmul runs on its own spinning thread pool; rayon tasks from the packed
     // path in between make the two pools fight over the cores, so the float leftovers of a
     // quantized model go through the plain matmul.

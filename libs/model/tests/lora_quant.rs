@@ -231,6 +231,21 @@ fn q8_0_logit_error_against_f32_is_small() {
         err / scale
     );
     assert!(err > 0.0, "quantized weights were not used");
+    // Serving drops the float copies of the quantized weights; the forward is unchanged.
+    let full: u64 = map
+        .all_vars()
+        .iter()
+        .map(|v| (v.elem_count() * 4) as u64)
+        .sum();
+    let mut lean = q_model.clone();
+    let held = quant::release_float_weights(&mut lean).expect("release");
+    assert_eq!(lean.layers[0].q.weight.elem_count(), 0);
+    assert!(held < full / 2, "{held} bytes held of {full} f32 bytes");
+    assert_eq!(
+        run(&lean).to_vec2::<f32>().expect("logits"),
+        approx.to_vec2::<f32>().expect("logits")
+    );
+    assert_eq!(quant::quantize_q8_0(&mut lean).expect("again"), n);
     assert!(
         err / scale < 0.05,
         "q8_0 relative logit error {} too large",

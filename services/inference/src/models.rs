@@ -537,8 +537,9 @@ fn build(
         .sum();
     if options.quantization == pb::Quantization::Q80 {
         quant::quantize_q8_0(&mut model).map_err(bad)?;
-        // Q8_0 stores 34 bytes per 32 weights of the linear layers.
-        bytes = bytes * 34 / (32 * settings.dtype.size_in_bytes() as u64);
+        // The float copies of the quantized weights go (serving never needs them); what
+        // stays is counted exactly: q8_0 copies, embeddings, norms, unquantized projections.
+        bytes = quant::release_float_weights(&mut model).map_err(bad)?;
     } else {
         // Decode steps multiply by a packed copy of each projection (libs/model `packed`).
         bytes += model.pack_for_serving().map_err(bad)?;
