@@ -407,17 +407,27 @@ impl PackedWeight {
 impl Model {
     /// Pack every f32 CPU projection and the LM head for serving (see the module docs);
     /// returns the bytes the packed copies take. A q8_0 model is left as it is (its float
-    /// leftovers stay on candle's matmul, see `quant`). The float weights stay for prefill
-    /// chunks longer than [`max_rows`] and for training.
+    /// leftovers stay on candle's matmul, see `quant`).
+    ///
+    /// The float weights stay for prefill chunks longer than [`max_rows`], stored transposed
+    /// (`[in, out]` in memory, still a `[out, in]` tensor): candle's gemm multiplies by a
+    /// contiguous `wᵀ` without repacking it, 3–37% faster on the `small` shape's products at
+    /// 128–512 rows than through the transposed view of `[out, in]` storage. The tied LM head
+    /// keeps the embedding's layout (its rows are looked up). So a packed model serves; its
+    /// weights are no longer the variables a trainer updates.
     pub fn pack_for_serving(&mut self) -> Result<u64> {
         let mut bytes = 0;
         if self.lm_head.quantized.is_some() || self.layers.iter().any(|l| l.q.quantized.is_some()) {
             return Ok(0);
         }
+        let embed = self.embed.id();
         for p in self.projections_mut() {
             if let Some(packed) = PackedWeight::pack(&p.weight)? {
                 bytes += packed.bytes();
                 p.packed = Some(std::sync::Arc::new(packed));
+                if p.weight.id() != embed {
+                    p.weight = p.weight.t()?.contiguous()?.t()?;
+                }
             }
         }
         Ok(bytes)

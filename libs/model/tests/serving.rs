@@ -163,3 +163,40 @@ fn batched_paged_decode_with_wide_heads_matches_training_forward() {
         run_schedule(&cfg, true);
     }
 }
+
+#[test]
+fn long_prefill_on_a_packed_model_matches_the_unpacked_one() {
+    // More rows than the packed products take: candle's gemm on the re-laid-out weights.
+    for tied in [false, true] {
+        let mut cfg = common::micro_config(Architecture::Llama, tied);
+        cfg.max_position_embeddings = 256;
+        let map = common::random_weights(&cfg, DType::F32, 5, 0.2);
+        let plain = Model::new(&cfg, &map).expect("model");
+        let mut packed = plain.clone();
+        packed.pack_for_serving().expect("pack");
+        // Projections are stored transposed for the gemm; a tied LM head stays the embedding.
+        let q = &packed.layers[0].q.weight;
+        assert!(q.t().expect("t").is_contiguous() && !q.is_contiguous());
+        assert_eq!(packed.lm_head.weight.is_contiguous(), tied);
+        let tokens: Vec<u32> = common::random_ids(1, 150, cfg.vocab_size, 9)
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("vec");
+        let run = |m: &Model| {
+            let mut cache =
+                PagedKvCache::new(&cfg, 40, 4, DType::F32, &Device::Cpu).expect("cache");
+            let mut table = BlockTable::default();
+            m.forward_batch(
+                &mut cache,
+                &mut [SeqInput {
+                    tokens: &tokens,
+                    table: &mut table,
+                }],
+            )
+            .expect("prefill")
+        };
+        let d = common::max_abs_diff(&run(&plain), &run(&packed));
+        assert!(d < 1e-4, "tied {tied}: {d}");
+    }
+}
