@@ -200,3 +200,76 @@ fn long_prefill_on_a_packed_model_matches_the_unpacked_one() {
         assert!(d < 1e-4, "tied {tied}: {d}");
     }
 }
+
+#[test]
+fn concurrent_forwards_from_several_threads_agree_with_one_at_a_time() {
+    // Engines of several models call the forward at once, all on the global rayon pool: the
+    // workers one forward keeps awake must not hold up or deadlock the others.
+    let mut cfg = common::micro_config(Architecture::Llama, false);
+    cfg.head_dim = 32;
+    cfg.hidden_size = 64;
+    let map = common::random_weights(&cfg, DType::F32, 11, 0.2);
+    let mut model = Model::new(&cfg, &map).expect("model");
+    model.pack_for_serving().expect("pack");
+    let model = std::sync::Arc::new(model);
+    let alone: Vec<Vec<Vec<f32>>> = (0..4).map(|t| greedy_decode(&model, 100 * t)).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for t in 0..4u64 {
+        let (tx, model) = (tx.clone(), model.clone());
+        // Detached: a hang fails the test below instead of blocking it forever.
+        std::thread::spawn(move || {
+            for _ in 0..5 {
+                if tx.send((t, greedy_decode(&model, 100 * t))).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    for _ in 0..20 {
+        let (t, got) = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("a forward hung");
+        assert_eq!(got, alone[t as usize], "thread {t}");
+    }
+}
+
+/// Logits of 8 greedy steps of 3 sequences with prompts seeded by `seed`.
+fn greedy_decode(model: &Model, seed: u64) -> Vec<Vec<f32>> {
+    let cfg = &model.config;
+    let mut cache = PagedKvCache::new(cfg, 16, 4, DType::F32, &Device::Cpu).expect("cache");
+    let mut tables = vec![BlockTable::default(); 3];
+    let mut next: Vec<Vec<u32>> = (0..3)
+        .map(|i| {
+            common::random_ids(1, 6, cfg.vocab_size, seed + i)
+                .flatten_all()
+                .expect("flat")
+                .to_vec1()
+                .expect("vec")
+        })
+        .collect();
+    let mut out = Vec::new();
+    for _ in 0..8 {
+        let mut inputs: Vec<SeqInput<'_>> = tables
+            .iter_mut()
+            .zip(&next)
+            .map(|(table, t)| SeqInput { tokens: t, table })
+            .collect();
+        let logits = model
+            .forward_batch(&mut cache, &mut inputs)
+            .expect("forward")
+            .to_vec2::<f32>()
+            .expect("logits");
+        next = logits
+            .iter()
+            .map(|row| {
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b });
+                vec![best.0 as u32]
+            })
+            .collect();
+        out.extend(logits);
+    }
+    out
+}
