@@ -28,26 +28,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         model.pack_for_serving()?;
     }
-    let prompt = 32;
+    let prompt: usize = 32;
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|b| {
+            (0..prompt as u32)
+                .map(|i| (i * 7 + b as u32) % 1000)
+                .collect()
+        })
+        .collect();
+    // Every prompt into a fresh cache of `blocks` blocks a sequence: the cache and tables.
+    let prefill = |blocks: usize| -> Result<_, Box<dyn std::error::Error>> {
+        let mut cache = PagedKvCache::new(&cfg, batch * blocks, 16, DType::F32, &Device::Cpu)?;
+        let mut tables = vec![BlockTable::default(); batch];
+        let mut inputs: Vec<SeqInput<'_>> = tables
+            .iter_mut()
+            .zip(&prompts)
+            .map(|(table, p)| SeqInput { tokens: p, table })
+            .collect();
+        model.forward_batch(&mut cache, &mut inputs)?;
+        Ok((cache, tables))
+    };
     if steps == 0 {
         // Prefill only: `batch` prompts of 32 tokens in one forward, 10 times.
         let start = Instant::now();
         for _ in 0..10 {
-            let mut cache = PagedKvCache::new(&cfg, batch * 2, 16, DType::F32, &Device::Cpu)?;
-            let mut tables = vec![BlockTable::default(); batch];
-            let prompts: Vec<Vec<u32>> = (0..batch)
-                .map(|b| {
-                    (0..prompt as u32)
-                        .map(|i| (i * 7 + b as u32) % 1000)
-                        .collect()
-                })
-                .collect();
-            let mut inputs: Vec<SeqInput<'_>> = tables
-                .iter_mut()
-                .zip(&prompts)
-                .map(|(table, p)| SeqInput { tokens: p, table })
-                .collect();
-            model.forward_batch(&mut cache, &mut inputs)?;
+            prefill(prompt.div_ceil(16))?;
         }
         let secs = start.elapsed().as_secs_f64() / 10.0;
         println!(
@@ -57,23 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         return Ok(());
     }
-    let blocks = (prompt + steps).div_ceil(16);
-    let mut cache = PagedKvCache::new(&cfg, batch * blocks, 16, DType::F32, &Device::Cpu)?;
-    let mut tables = vec![BlockTable::default(); batch];
-    let prompts: Vec<Vec<u32>> = (0..batch)
-        .map(|b| {
-            (0..prompt as u32)
-                .map(|i| (i * 7 + b as u32) % 1000)
-                .collect()
-        })
-        .collect();
-    let mut inputs: Vec<SeqInput<'_>> = tables
-        .iter_mut()
-        .zip(&prompts)
-        .map(|(table, p)| SeqInput { tokens: p, table })
-        .collect();
-    model.forward_batch(&mut cache, &mut inputs)?;
-    drop(inputs);
+    let (mut cache, mut tables) = prefill((prompt + steps).div_ceil(16))?;
     let start = Instant::now();
     for step in 0..steps {
         let toks: Vec<[u32; 1]> = (0..batch)

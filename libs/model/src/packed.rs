@@ -355,53 +355,72 @@ impl PackedWeight {
 
     /// `x [n, in] · wᵀ` → `[n, out]`.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, k) = x.dims2()?;
-        if k != self.k {
-            return Err(ModelError::input(
-                "x",
-                format!("packed weight takes {} inputs, got {k}", self.k),
-            ));
-        }
-        if n == 0 {
-            return Ok(Tensor::zeros((0, self.out), DType::F32, &Device::Cpu)?);
-        }
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let groups = Groups::new(&xs, n, k, tile_widths());
-        let panels = self.out.div_ceil(PANEL);
-        let threads = rayon::current_num_threads().max(1);
-        // An even split: rounding a one-row task up to whole four-panel blocks left one
-        // thread idle on the 3- and 9-panel products (small batch-1 decode 36 -> 28 tok/s).
-        let per_task = panels.div_ceil(threads);
-        // [panels, n, PANEL], one contiguous range of panels per task.
-        let mut res = vec![0f32; panels * n * PANEL];
-        let arch = pulp::Arch::new();
-        self.data
-            .par_chunks(per_task * k * PANEL)
-            .zip(res.par_chunks_mut(per_task * n * PANEL))
-            .for_each(|(panels, out)| {
-                arch.dispatch(Panels {
-                    panels,
-                    groups: &groups,
-                    xs: &xs,
-                    k,
-                    n,
-                    out,
-                })
-            });
-        let t = Tensor::from_vec(res, (panels, n, PANEL), &Device::Cpu)?;
-        let t = if n == 1 {
-            t.reshape((1, panels * PANEL))?
-        } else {
-            t.transpose(0, 1)?
-                .contiguous()?
-                .reshape((n, panels * PANEL))?
-        };
-        Ok(if panels * PANEL == self.out {
-            t
-        } else {
-            t.narrow(1, 0, self.out)?.contiguous()?
+        let k = self.k;
+        panel_product(x, k, self.out, "packed weight", |xs, n, res| {
+            let groups = Groups::new(xs, n, k, tile_widths());
+            // An even split: rounding a one-row task up to whole four-panel blocks left one
+            // thread idle on the 3- and 9-panel products (small batch-1 decode 36 -> 28 tok/s).
+            let per_task = panels_per_task(res.len() / (n * PANEL));
+            let arch = pulp::Arch::new();
+            self.data
+                .par_chunks(per_task * k * PANEL)
+                .zip(res.par_chunks_mut(per_task * n * PANEL))
+                .for_each(|(panels, out)| {
+                    arch.dispatch(Panels {
+                        panels,
+                        groups: &groups,
+                        xs,
+                        k,
+                        n,
+                        out,
+                    })
+                });
         })
     }
+}
+
+/// Panels per rayon task: one contiguous, even share each.
+pub(crate) fn panels_per_task(panels: usize) -> usize {
+    panels.div_ceil(rayon::current_num_threads().max(1))
+}
+
+/// The frame of a panel product `x [n, k] · wᵀ` → `[n, out]` (f32 or q8_0 panels): checks
+/// `x`'s width (`what` names the weight in the error), hands `fill` its rows as f32, `n` and
+/// a zeroed `[panels, n, PANEL]` result, and returns that as `[n, out]`.
+pub(crate) fn panel_product(
+    x: &Tensor,
+    k: usize,
+    out: usize,
+    what: &str,
+    fill: impl FnOnce(&[f32], usize, &mut [f32]),
+) -> Result<Tensor> {
+    let (n, xk) = x.dims2()?;
+    if xk != k {
+        return Err(ModelError::input(
+            "x",
+            format!("{what} takes {k} inputs, got {xk}"),
+        ));
+    }
+    if n == 0 {
+        return Ok(Tensor::zeros((0, out), DType::F32, &Device::Cpu)?);
+    }
+    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let panels = out.div_ceil(PANEL);
+    let mut res = vec![0f32; panels * n * PANEL];
+    fill(&xs, n, &mut res);
+    let t = Tensor::from_vec(res, (panels, n, PANEL), &Device::Cpu)?;
+    let t = if n == 1 {
+        t.reshape((1, panels * PANEL))?
+    } else {
+        t.transpose(0, 1)?
+            .contiguous()?
+            .reshape((n, panels * PANEL))?
+    };
+    Ok(if panels * PANEL == out {
+        t
+    } else {
+        t.narrow(1, 0, out)?.contiguous()?
+    })
 }
 
 impl Model {

@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 
 /// Output rows per panel: four vectors of sixteen 32-bit lanes.
 pub const PANEL: usize = 64;
@@ -418,38 +418,13 @@ impl PackedQ8 {
 
     /// `x [n, in] · wᵀ` → `[n, out]`, with `x` quantized to q8_0 blocks first.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, k) = x.dims2()?;
-        if k != self.k {
-            return Err(ModelError::input(
-                "x",
-                format!("q8_0 weight takes {} inputs, got {k}", self.k),
-            ));
-        }
-        if n == 0 {
-            return Ok(Tensor::zeros((0, self.out), DType::F32, &Device::Cpu)?);
-        }
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let acts = Acts::new(&xs, n, k);
-        let panels = self.out.div_ceil(PANEL);
-        let per_task = panels.div_ceil(rayon::current_num_threads().max(1));
-        let per_panel = acts.nb * LINES;
-        let mut res = vec![0f32; panels * n * PANEL];
-        self.data
-            .par_chunks(per_task * per_panel)
-            .zip(res.par_chunks_mut(per_task * n * PANEL))
-            .for_each(|(lines, out)| run_panels(lines, &acts, n, out));
-        let t = Tensor::from_vec(res, (panels, n, PANEL), &Device::Cpu)?;
-        let t = if n == 1 {
-            t.reshape((1, panels * PANEL))?
-        } else {
-            t.transpose(0, 1)?
-                .contiguous()?
-                .reshape((n, panels * PANEL))?
-        };
-        Ok(if panels * PANEL == self.out {
-            t
-        } else {
-            t.narrow(1, 0, self.out)?.contiguous()?
+        crate::packed::panel_product(x, self.k, self.out, "q8_0 weight", |xs, n, res| {
+            let acts = Acts::new(xs, n, self.k);
+            let per_task = crate::packed::panels_per_task(res.len() / (n * PANEL));
+            self.data
+                .par_chunks(per_task * acts.nb * LINES)
+                .zip(res.par_chunks_mut(per_task * n * PANEL))
+                .for_each(|(lines, out)| run_panels(lines, &acts, n, out));
         })
     }
 }
