@@ -454,12 +454,12 @@ impl Model {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Run `f` on 1 and on 2 rayon threads, so each task holds several panels (the one-row
     /// path's four-panel blocks) whatever the machine's width.
-    fn on_narrow_pools(f: impl Fn() + Sync) {
+    pub(crate) fn on_narrow_pools(f: impl Fn() + Sync) {
         for threads in [1, 2] {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)

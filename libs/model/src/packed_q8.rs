@@ -432,6 +432,7 @@ impl PackedQ8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::packed::tests::on_narrow_pools;
 
     /// The q8_0 product in plain scalar code: both sides quantized per 32-block, dot
     /// products in integers, scaled and summed in f64.
@@ -474,16 +475,6 @@ mod tests {
                     .collect()
             })
             .collect()
-    }
-
-    fn on_narrow_pools(f: impl Fn() + Sync) {
-        for threads in [1, 2] {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("pool")
-                .install(&f);
-        }
     }
 
     #[test]
