@@ -11,6 +11,10 @@ use lmforge_model::kv_cache::{BlockTable, PagedKvCache};
 use lmforge_model::{Model, ModelConfig, quant, weights};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The allocator settings the services and benchmarks run with.
+    if let Some(code) = lmforge_model::alloc_tuning::reexec_with_tuned_malloc() {
+        std::process::exit(code);
+    }
     let args: Vec<String> = std::env::args().collect();
     let shape = args.get(1).map_or("small", String::as_str);
     let batch: usize = args.get(2).map_or(Ok(1), |s| s.parse())?;
