@@ -487,11 +487,13 @@ impl DecodeGroup {
                 arch.dispatch(AttendHead {
                     slots: &self.slot_list[m * self.max_ctx + first..m * self.max_ctx + ctx],
                     q: &qd[(m * nh + h * groups) * hd..(m * nh + (h + 1) * groups) * hd],
-                    ks,
-                    vs,
-                    kv_head: h,
-                    nkv,
-                    hd,
+                    kv: KvRows {
+                        ks,
+                        vs,
+                        kv_head: h,
+                        nkv,
+                        hd,
+                    },
                     scale,
                     out: o,
                 })
@@ -532,14 +534,39 @@ struct AttendHead<'a> {
     slots: &'a [u32],
     /// The group's query heads, `[groups, hd]`.
     q: &'a [f32],
+    kv: KvRows<'a>,
+    scale: f32,
+    /// `[groups, hd]`, zeroed.
+    out: &'a mut [f32],
+}
+
+/// One kv head's rows in the f32 cache storage (`[slots, nkv, hd]`).
+struct KvRows<'a> {
     ks: &'a [f32],
     vs: &'a [f32],
     kv_head: usize,
     nkv: usize,
     hd: usize,
-    scale: f32,
-    /// `[groups, hd]`, zeroed.
-    out: &'a mut [f32],
+}
+
+impl KvRows<'_> {
+    #[inline(always)]
+    fn at(&self, slot: u32) -> std::ops::Range<usize> {
+        let at = (slot as usize * self.nkv + self.kv_head) * self.hd;
+        at..at + self.hd
+    }
+
+    /// The key cached in `slot`.
+    #[inline(always)]
+    fn key(&self, slot: u32) -> &[f32] {
+        &self.ks[self.at(slot)]
+    }
+
+    /// The value cached in `slot`.
+    #[inline(always)]
+    fn value(&self, slot: u32) -> &[f32] {
+        &self.vs[self.at(slot)]
+    }
 }
 
 impl pulp::WithSimd for AttendHead<'_> {
@@ -547,14 +574,15 @@ impl pulp::WithSimd for AttendHead<'_> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, simd: S) {
-        let g = self.q.len() / self.hd;
+        let hd = self.kv.hd;
+        let g = self.q.len() / hd;
         if self.slots.is_empty() {
             return;
         }
-        if self.hd.is_multiple_of(S::F32_LANES) {
+        if hd.is_multiple_of(S::F32_LANES) {
             // Head widths and group sizes of the common models: queries, keys, values and
             // the group's outputs in registers.
-            match (self.hd / S::F32_LANES, g) {
+            match (hd / S::F32_LANES, g) {
                 (2, 1) => return self.fixed::<S, 2, 1>(simd),
                 (2, 2) => return self.fixed::<S, 2, 2>(simd),
                 (2, 3) => return self.fixed::<S, 2, 3>(simd),
@@ -570,13 +598,6 @@ impl pulp::WithSimd for AttendHead<'_> {
         }
         self.any(simd)
     }
-}
-
-/// A cached row of one kv head.
-#[inline(always)]
-fn kv_row(cache: &[f32], slot: u32, nkv: usize, kv_head: usize, hd: usize) -> &[f32] {
-    let at = (slot as usize * nkv + kv_head) * hd;
-    &cache[at..at + hd]
 }
 
 /// Each row of `scores` (`ctx` wide) turned into its softmax in place, with the vectorised
@@ -613,14 +634,11 @@ impl AttendHead<'_> {
         let AttendHead {
             slots,
             q,
-            ks,
-            vs,
-            kv_head,
-            nkv,
-            hd,
+            kv,
             scale,
             out,
         } = self;
+        let hd = kv.hd;
         let vecs = |row: &[f32]| -> [S::f32s; V] {
             let (v, _) = S::as_simd_f32s(row);
             std::array::from_fn(|i| v[i])
@@ -629,7 +647,7 @@ impl AttendHead<'_> {
         let ctx = slots.len();
         let mut scores = vec![0f32; G * ctx];
         for (j, &slot) in slots.iter().enumerate() {
-            let k = vecs(kv_row(ks, slot, nkv, kv_head, hd));
+            let k = vecs(kv.key(slot));
             for h in 0..G {
                 let mut acc = simd.mul_f32s(qv[h][0], k[0]);
                 for v in 1..V {
@@ -641,7 +659,7 @@ impl AttendHead<'_> {
         softmax_rows(&mut scores, ctx);
         let mut acc = [[simd.splat_f32s(0.0); V]; G];
         for (j, &slot) in slots.iter().enumerate() {
-            let v_row = vecs(kv_row(vs, slot, nkv, kv_head, hd));
+            let v_row = vecs(kv.value(slot));
             for h in 0..G {
                 let w = simd.splat_f32s(scores[h * ctx + j]);
                 for v in 0..V {
@@ -661,14 +679,11 @@ impl AttendHead<'_> {
         let AttendHead {
             slots,
             q,
-            ks,
-            vs,
-            kv_head,
-            nkv,
-            hd,
+            kv,
             scale,
             out,
         } = self;
+        let hd = kv.hd;
         let dot = |a: &[f32], b: &[f32]| {
             let (av, at) = S::as_simd_f32s(a);
             let (bv, bt) = S::as_simd_f32s(b);
@@ -682,14 +697,14 @@ impl AttendHead<'_> {
         let ctx = slots.len();
         let mut scores = vec![0f32; q.len() / hd * ctx];
         for (j, &slot) in slots.iter().enumerate() {
-            let k = kv_row(ks, slot, nkv, kv_head, hd);
+            let k = kv.key(slot);
             for (qv, sc) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(ctx)) {
                 sc[j] = dot(qv, k) * scale;
             }
         }
         softmax_rows(&mut scores, ctx);
         for (j, &slot) in slots.iter().enumerate() {
-            let (vv, vt) = S::as_simd_f32s(kv_row(vs, slot, nkv, kv_head, hd));
+            let (vv, vt) = S::as_simd_f32s(kv.value(slot));
             for (acc, sc) in out.chunks_exact_mut(hd).zip(scores.chunks_exact(ctx)) {
                 let w = sc[j];
                 let wv = simd.splat_f32s(w);

@@ -459,6 +459,13 @@ pub(crate) mod tests {
 
     /// Run `f` on 1 and on 2 rayon threads, so each task holds several panels (the one-row
     /// path's four-panel blocks) whatever the machine's width.
+    /// Largest absolute difference of two f32 tensors.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .expect("same shapes")
+    }
+
     pub(crate) fn on_narrow_pools(f: impl Fn() + Sync) {
         for threads in [1, 2] {
             rayon::ThreadPoolBuilder::new()
@@ -493,16 +500,7 @@ pub(crate) mod tests {
             let packed = PackedWeight::pack(&w).expect("pack").expect("f32");
             let got = packed.matmul_t(&x).expect("matmul_t");
             assert_eq!(got.dims(), &[n, out]);
-            let d = (want - got)
-                .expect("sub")
-                .abs()
-                .expect("abs")
-                .max_all()
-                .expect("max");
-            assert!(
-                d.to_scalar::<f32>().expect("s") < 1e-4,
-                "n {n} out {out} k {k}"
-            );
+            assert!(max_diff(&want, &got) < 1e-4, "n {n} out {out} k {k}");
         }
     }
 

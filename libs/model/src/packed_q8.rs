@@ -432,7 +432,16 @@ impl PackedQ8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packed::tests::on_narrow_pools;
+    use crate::packed::tests::{max_diff, on_narrow_pools};
+
+    /// Whether the packed products can run here; says so when not.
+    fn vnni() -> bool {
+        let here = available();
+        if !here {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+        }
+        here
+    }
 
     /// The q8_0 product in plain scalar code: both sides quantized per 32-block, dot
     /// products in integers, scaled and summed in f64.
@@ -479,8 +488,7 @@ mod tests {
 
     #[test]
     fn matches_the_scalar_q8_0_product() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+        if !vnni() {
             return;
         }
         on_narrow_pools(|| {
@@ -518,14 +526,7 @@ mod tests {
                 }
                 // And near the float product: q8_0's error, not a wrong layout.
                 let exact = x.matmul(&w.t().expect("t")).expect("matmul");
-                let err = (exact - Tensor::new(got, &Device::Cpu).expect("t"))
-                    .expect("sub")
-                    .abs()
-                    .expect("abs")
-                    .max_all()
-                    .expect("max")
-                    .to_scalar::<f32>()
-                    .expect("s");
+                let err = max_diff(&exact, &Tensor::new(got, &Device::Cpu).expect("t"));
                 assert!(
                     err < 0.05 * (k as f32 / 32.0).sqrt(),
                     "n {n} k {k}: error {err}"
@@ -536,8 +537,7 @@ mod tests {
 
     #[test]
     fn a_row_does_not_depend_on_the_rest_of_the_batch() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+        if !vnni() {
             return;
         }
         on_narrow_pools(|| {
@@ -562,8 +562,7 @@ mod tests {
 
     #[test]
     fn tiny_and_non_finite_activations_do_not_overflow() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+        if !vnni() {
             return;
         }
         let w = Tensor::randn(0f32, 1.0, (64, 64), &Device::Cpu).expect("randn");

@@ -4,8 +4,6 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use lmforge_model::infer::SeqInput;
-use lmforge_model::kv_cache::{BlockTable, PagedKvCache};
 use lmforge_model::lora::{LoraConfig, LoraWeights};
 use lmforge_model::optim::{AdamWConfig, LrSchedule};
 use lmforge_model::train::{Batch, TrainConfig, Trainer};
@@ -200,23 +198,8 @@ fn q8_0_logit_error_against_f32_is_small() {
     let mut q_model = f32_model.clone();
     let n = quant::quantize_q8_0(&mut q_model).expect("quantize");
     assert_eq!(n, 7 * cfg.num_hidden_layers + 1);
-    let tokens: Vec<u32> = common::random_ids(1, 12, cfg.vocab_size, 4)
-        .flatten_all()
-        .expect("f")
-        .to_vec1()
-        .expect("v");
-    let run = |m: &Model| {
-        let mut cache = PagedKvCache::new(&cfg, 4, 8, DType::F32, &Device::Cpu).expect("cache");
-        let mut table = BlockTable::default();
-        m.forward_batch(
-            &mut cache,
-            &mut [SeqInput {
-                tokens: &tokens,
-                table: &mut table,
-            }],
-        )
-        .expect("fwd")
-    };
+    let tokens: Vec<u32> = common::random_tokens(12, cfg.vocab_size, 4);
+    let run = |m: &Model| common::prefill_logits(m, &tokens);
     let (exact, approx) = (run(&f32_model), run(&q_model));
     let err = common::max_abs_diff(&exact, &approx);
     let scale = exact

@@ -33,11 +33,7 @@ fn run_schedule(cfg: &ModelConfig, packed: bool) {
         .iter()
         .enumerate()
         .map(|(i, &(len, prompt_len, join))| Seq {
-            tokens: common::random_ids(1, len, cfg.vocab_size, 100 + i as u64)
-                .flatten_all()
-                .expect("flat")
-                .to_vec1()
-                .expect("vec"),
+            tokens: common::random_tokens(len, cfg.vocab_size, 100 + i as u64),
             prompt_len,
             fed: 0,
             join,
@@ -178,25 +174,11 @@ fn long_prefill_on_a_packed_model_matches_the_unpacked_one() {
         let q = &packed.layers[0].q.weight;
         assert!(q.t().expect("t").is_contiguous() && !q.is_contiguous());
         assert_eq!(packed.lm_head.weight.is_contiguous(), tied);
-        let tokens: Vec<u32> = common::random_ids(1, 150, cfg.vocab_size, 9)
-            .flatten_all()
-            .expect("flat")
-            .to_vec1()
-            .expect("vec");
-        let run = |m: &Model| {
-            let mut cache =
-                PagedKvCache::new(&cfg, 40, 4, DType::F32, &Device::Cpu).expect("cache");
-            let mut table = BlockTable::default();
-            m.forward_batch(
-                &mut cache,
-                &mut [SeqInput {
-                    tokens: &tokens,
-                    table: &mut table,
-                }],
-            )
-            .expect("prefill")
-        };
-        let d = common::max_abs_diff(&run(&plain), &run(&packed));
+        let tokens: Vec<u32> = common::random_tokens(150, cfg.vocab_size, 9);
+        let d = common::max_abs_diff(
+            &common::prefill_logits(&plain, &tokens),
+            &common::prefill_logits(&packed, &tokens),
+        );
         assert!(d < 1e-4, "tied {tied}: {d}");
     }
 }
@@ -239,13 +221,7 @@ fn greedy_decode(model: &Model, seed: u64) -> Vec<Vec<f32>> {
     let mut cache = PagedKvCache::new(cfg, 16, 4, DType::F32, &Device::Cpu).expect("cache");
     let mut tables = vec![BlockTable::default(); 3];
     let mut next: Vec<Vec<u32>> = (0..3)
-        .map(|i| {
-            common::random_ids(1, 6, cfg.vocab_size, seed + i)
-                .flatten_all()
-                .expect("flat")
-                .to_vec1()
-                .expect("vec")
-        })
+        .map(|i| common::random_tokens(6, cfg.vocab_size, seed + i))
         .collect();
     let mut out = Vec::new();
     for _ in 0..8 {

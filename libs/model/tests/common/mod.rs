@@ -3,7 +3,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use lmforge_model::{Architecture, ModelConfig, Rng, weights};
+use lmforge_model::infer::SeqInput;
+use lmforge_model::kv_cache::{BlockTable, PagedKvCache};
+use lmforge_model::{Architecture, Model, ModelConfig, Rng, weights};
 
 /// A model small enough for finite differences and for many steps in a second.
 pub fn micro_config(arch: Architecture, tied: bool) -> ModelConfig {
@@ -55,6 +57,32 @@ pub fn random_ids(b: usize, t: usize, vocab: usize, seed: u64) -> Tensor {
     let mut rng = Rng::new(seed);
     let ids: Vec<u32> = (0..b * t).map(|_| rng.below(vocab) as u32).collect();
     Tensor::from_vec(ids, (b, t), &Device::Cpu).expect("shape matches")
+}
+
+/// `t` random token ids below `vocab`, as a plain list (one sequence's tokens).
+pub fn random_tokens(t: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    random_ids(1, t, vocab, seed)
+        .flatten_all()
+        .expect("flat")
+        .to_vec1()
+        .expect("u32 ids")
+}
+
+/// Last-token logits of `tokens` prefilled as one sequence into a fresh cache (blocks of 4).
+pub fn prefill_logits(model: &Model, tokens: &[u32]) -> Tensor {
+    let blocks = tokens.len().div_ceil(4);
+    let mut cache =
+        PagedKvCache::new(&model.config, blocks, 4, DType::F32, &Device::Cpu).expect("cache");
+    let mut table = BlockTable::default();
+    model
+        .forward_batch(
+            &mut cache,
+            &mut [SeqInput {
+                tokens,
+                table: &mut table,
+            }],
+        )
+        .expect("prefill")
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
