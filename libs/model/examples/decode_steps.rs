@@ -32,7 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         model.pack_for_serving()?;
     }
-    let prompt: usize = 32;
+    let prompt: usize = std::env::var("PROMPT").map_or(Ok(32), |s| s.parse())?;
     let prompts: Vec<Vec<u32>> = (0..batch)
         .map(|b| {
             (0..prompt as u32)

@@ -25,22 +25,36 @@ fn best_of<F: FnMut() -> candle_core::Result<()>>(mut f: F) -> candle_core::Resu
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dev = Device::Cpu;
-    println!("| in -> out | rows | candle ms | packed ms | packed GFLOP/s | q8_0 ms | q8_0 GB/s |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| in -> out | rows | candle ms | packed ms | packed GFLOP/s | AMX ms | AMX GFLOP/s | q8_0 ms | q8_0 GB/s |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (k, out) in [(576, 1536), (1536, 576), (576, 192), (576, 49152)] {
         let w = Tensor::randn(0f32, 1., (out, k), &dev)?;
         let packed = PackedWeight::pack(&w)?.ok_or("f32 CPU weight")?;
         let q8 = PackedQ8::quantize(&w)?;
+        let amx = lmforge_model::amx::available().then_some(&packed);
         for n in [1usize, 2, 4, 8, 16, 32, 64, 256] {
             let x = Tensor::randn(0f32, 1., (n, k), &dev)?;
             let flops = 2.0 * (n * k * out) as f64;
             let gemm = best_of(|| x.matmul(&w.t()?).map(drop))?;
             let ours = best_of(|| {
                 packed
-                    .matmul_t(&x)
+                    .matmul_t_fma(&x)
                     .map(drop)
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))
             })?;
+            let (amx_ms, amx_gflops) = match &amx {
+                Some(amx) => {
+                    let t = best_of(|| {
+                        amx.matmul_t_amx(&x)
+                            .map(drop)
+                            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                    })?;
+                    (format!("{:.3}", t * 1e3), format!("{:.1}", flops / t / 1e9))
+                }
+                None => ("-".into(), "-".into()),
+            };
             let (q8_ms, q8_gbs) = match &q8 {
                 Some(q8) => {
                     let t = best_of(|| {
@@ -56,7 +70,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 None => ("-".into(), "-".into()),
             };
             println!(
-                "| {k} -> {out} | {n} | {:.3} | {:.3} | {:.1} | {q8_ms} | {q8_gbs} |",
+                "| {k} -> {out} | {n} | {:.3} | {:.3} | {:.1} | {amx_ms} | {amx_gflops} | {q8_ms} | {q8_gbs} |",
                 gemm * 1e3,
                 ours * 1e3,
                 flops / ours / 1e9

@@ -16,6 +16,7 @@
 //! - [`rng`]: the seeded, checkpointable random generator everything draws from.
 
 pub mod alloc_tuning;
+pub mod amx;
 pub mod chat;
 pub mod config;
 pub mod error;

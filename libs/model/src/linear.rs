@@ -88,9 +88,11 @@ impl Proj {
     }
 
     fn apply(&self, x: &Tensor, rng: Option<&mut Rng>, serving: bool) -> Result<Tensor> {
+        // A released float weight (`quant::release_float_weights`) leaves the packed copy for
+        // every forward.
         let small = match &self.packed {
             Some(p)
-                if serving
+                if (serving || self.weight.dim(0)? == 0)
                     && self.quantized.is_none()
                     && x.rank() == 2
                     && x.dim(0)? <= crate::packed::max_rows() =>

@@ -59,9 +59,16 @@ fn has_v3() -> bool {
     }
 }
 
-/// Activation rows up to which this CPU's serving forward uses packed weights.
+/// Activation rows up to which this CPU's serving forward uses packed weights: all of them
+/// where the products run on AMX ([`crate::amx`]), which beats candle's gemm at every size.
 pub fn max_rows() -> usize {
-    if has_v4() { MAX_ROWS } else { MAX_ROWS_AVX2 }
+    if crate::amx::available() {
+        usize::MAX
+    } else if has_v4() {
+        MAX_ROWS
+    } else {
+        MAX_ROWS_AVX2
+    }
 }
 
 /// A `[out, in]` f32 weight packed into `out / PANEL` (rounded up) panels of `[in, PANEL]`,
@@ -69,6 +76,8 @@ pub fn max_rows() -> usize {
 #[derive(Debug)]
 pub struct PackedWeight {
     data: Vec<f32>,
+    /// The same weight in AMX tiles, where the CPU has AMX.
+    amx: Option<crate::amx::Tiles>,
     out: usize,
     k: usize,
 }
@@ -345,16 +354,45 @@ impl PackedWeight {
                     }
                 }
             });
-        Ok(Some(Self { data, out, k }))
+        let amx = crate::amx::available().then(|| crate::amx::Tiles::new(&data, k));
+        Ok(Some(Self { data, amx, out, k }))
     }
 
-    /// Bytes the packed copy takes.
+    /// Bytes the packed copies take.
     pub fn bytes(&self) -> u64 {
-        (self.data.len() * 4) as u64
+        (self.data.len() * 4) as u64 + self.amx.as_ref().map_or(0, |t| t.bytes())
     }
 
-    /// `x [n, in] · wᵀ` → `[n, out]`.
+    /// `x [n, in] · wᵀ` → `[n, out]`: on AMX ([`crate::amx`]) from [`crate::amx::MIN_ROWS`]
+    /// rows where the CPU has it, on this module's FMA kernels otherwise.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        match x.dims2() {
+            Ok((n, xk)) if xk == self.k && self.amx.is_some() && n >= crate::amx::MIN_ROWS => {
+                self.matmul_t_amx(x)
+            }
+            _ => self.matmul_t_fma(x),
+        }
+    }
+
+    /// [`Self::matmul_t`] on AMX whatever the number of rows; only where
+    /// [`crate::amx::available`].
+    pub fn matmul_t_amx(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, xk) = x.dims2()?;
+        let Some(tiles) = &self.amx else {
+            return Err(ModelError::input("x", "no AMX on this CPU"));
+        };
+        if xk != self.k {
+            return Err(ModelError::input(
+                "x",
+                format!("packed weight takes {} inputs, got {xk}", self.k),
+            ));
+        }
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        tiles.product(&xs, n, self.k, self.out)
+    }
+
+    /// [`Self::matmul_t`] on the FMA kernels whatever the number of rows.
+    pub fn matmul_t_fma(&self, x: &Tensor) -> Result<Tensor> {
         let k = self.k;
         panel_product(x, k, self.out, "packed weight", |xs, n, res| {
             let groups = Groups::new(xs, n, k, tile_widths());
@@ -432,8 +470,9 @@ impl Model {
     /// (`[in, out]` in memory, still a `[out, in]` tensor): candle's gemm multiplies by a
     /// contiguous `wᵀ` without repacking it, 3–37% faster on the `small` shape's products at
     /// 128–512 rows than through the transposed view of `[out, in]` storage. The tied LM head
-    /// keeps the embedding's layout (its rows are looked up). So a packed model serves; its
-    /// weights are no longer the variables a trainer updates.
+    /// keeps the embedding's layout (its rows are looked up). With AMX every row count runs
+    /// on the packed copy and the float weights keep their layout. So a packed model serves;
+    /// its weights are no longer the variables a trainer updates.
     pub fn pack_for_serving(&mut self) -> Result<u64> {
         let mut bytes = 0;
         if self.lm_head.quantized.is_some() || self.layers.iter().any(|l| l.q.quantized.is_some()) {
@@ -444,7 +483,7 @@ impl Model {
             if let Some(packed) = PackedWeight::pack(&p.weight)? {
                 bytes += packed.bytes();
                 p.packed = Some(std::sync::Arc::new(packed));
-                if p.weight.id() != embed {
+                if p.weight.id() != embed && !crate::amx::available() {
                     p.weight = p.weight.t()?.contiguous()?.t()?;
                 }
             }
@@ -457,8 +496,6 @@ impl Model {
 pub(crate) mod tests {
     use super::*;
 
-    /// Run `f` on 1 and on 2 rayon threads, so each task holds several panels (the one-row
-    /// path's four-panel blocks) whatever the machine's width.
     /// Largest absolute difference of two f32 tensors.
     pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
@@ -466,6 +503,8 @@ pub(crate) mod tests {
             .expect("same shapes")
     }
 
+    /// Run `f` on 1 and on 2 rayon threads, so each task holds several panels (the one-row
+    /// path's four-panel blocks) whatever the machine's width.
     pub(crate) fn on_narrow_pools(f: impl Fn() + Sync) {
         for threads in [1, 2] {
             rayon::ThreadPoolBuilder::new()
@@ -498,7 +537,7 @@ pub(crate) mod tests {
             let w = Tensor::randn(0f32, 1.0, (out, k), &Device::Cpu).expect("randn");
             let want = x.matmul(&w.t().expect("t")).expect("matmul");
             let packed = PackedWeight::pack(&w).expect("pack").expect("f32");
-            let got = packed.matmul_t(&x).expect("matmul_t");
+            let got = packed.matmul_t_fma(&x).expect("matmul_t");
             assert_eq!(got.dims(), &[n, out]);
             assert!(max_diff(&want, &got) < 1e-4, "n {n} out {out} k {k}");
         }
@@ -516,13 +555,13 @@ pub(crate) mod tests {
         let packed = PackedWeight::pack(&w).expect("pack").expect("f32");
         let x = Tensor::randn(0f32, 1.0, (13, k), &Device::Cpu).expect("randn");
         let all = packed
-            .matmul_t(&x)
+            .matmul_t_fma(&x)
             .expect("batch")
             .to_vec2::<f32>()
             .expect("rows");
         for n in [1, 2, 3, 5, 13] {
             let part = packed
-                .matmul_t(&x.narrow(0, 0, n).expect("rows"))
+                .matmul_t_fma(&x.narrow(0, 0, n).expect("rows"))
                 .expect("part")
                 .to_vec2::<f32>()
                 .expect("rows");

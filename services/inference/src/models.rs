@@ -206,8 +206,8 @@ impl ModelManager {
     }
 
     /// Estimated bytes of `version` once loaded: its weight files (twice for f32 serving
-    /// without q8_0, which adds a packed copy of the projections and LM head) plus the KV
-    /// cache.
+    /// without q8_0, which adds a packed copy of the projections and LM head, or with AMX
+    /// two packed copies in place of the float weights) plus the KV cache.
     fn estimate(&self, version: &pb::ModelVersion, options: Options) -> u64 {
         let weights: u64 = version
             .files
@@ -529,21 +529,17 @@ fn build(
     };
     let ckpt = hf::load_checkpoint(dir, settings.dtype, &Device::Cpu).map_err(bad)?;
     let mut model = Model::new(&ckpt.config, &ckpt.weights).map_err(bad)?;
-    let mut bytes: u64 = ckpt
-        .weights
-        .all_vars()
-        .iter()
-        .map(|v| (v.elem_count() * v.dtype().size_in_bytes()) as u64)
-        .sum();
     if options.quantization == pb::Quantization::Q80 {
         quant::quantize_q8_0(&mut model).map_err(bad)?;
-        // The float copies of the quantized weights go (serving never needs them); what
-        // stays is counted exactly: q8_0 copies, embeddings, norms, unquantized projections.
-        bytes = quant::release_float_weights(&mut model).map_err(bad)?;
     } else {
-        // Decode steps multiply by a packed copy of each projection (libs/model `packed`).
-        bytes += model.pack_for_serving().map_err(bad)?;
+        // Decode steps (and with AMX every step) multiply by packed copies of each projection
+        // (libs/model `packed`, `amx`).
+        model.pack_for_serving().map_err(bad)?;
     }
+    // The float copies serving no longer reads go (those of q8_0 weights, and of packed ones
+    // where the packed copies take every row); what stays is counted exactly: q8_0 and packed
+    // copies, embeddings, norms, the float weights still multiplied.
+    let mut bytes = quant::release_float_weights(&mut model).map_err(bad)?;
     let tokenizer = TextTokenizer::from_dir(dir).map_err(bad)?;
     let eos_token_ids = eos_ids(&ckpt, &tokenizer);
     let chat_template = if version.chat_template.is_empty() {
