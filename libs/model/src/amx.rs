@@ -74,10 +74,10 @@ fn split(v: f32) -> (u16, u16) {
 }
 
 /// Activation rows from which [`crate::packed::PackedWeight`] multiplies on AMX. Measured
-/// on the `small` shape's decode steps (2 threads): AMX and the FMA kernels are level at 4
-/// rows, AMX is 1.3× faster at 8 and slower at 1–2 (there the product only streams the
-/// weight, which the FMA kernels do at a higher rate).
-pub const MIN_ROWS: usize = 8;
+/// on the `small` shape's decode steps (2 threads, `examples/decode_steps.rs`, alternating
+/// runs): AMX is 15–25% faster at 4 rows and 1.2–1.3× at 8–16, level at 6, slower at 1–2
+/// (there the product only streams the weight, which the FMA kernels do at a higher rate).
+pub const MIN_ROWS: usize = 4;
 
 /// Bytes of tiles a task multiplies every row tile by before moving on, so they stay in L2.
 const GROUP_BYTES: usize = 1 << 20;

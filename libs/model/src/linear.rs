@@ -81,7 +81,7 @@ impl Proj {
         self.apply(x, rng, false)
     }
 
-    /// Apply the projection for serving: `x` is `[n, in]`; up to [`crate::packed::max_rows`]
+    /// Apply the projection for serving: `x` is `[n, in]`; up to `PackedWeight::max_rows`
     /// rows (decode steps) use the packed weight when there is one. Records no gradient.
     pub fn forward_serving(&self, x: &Tensor) -> Result<Tensor> {
         self.apply(x, None, true)
@@ -95,7 +95,7 @@ impl Proj {
                 if (serving || self.weight.dim(0)? == 0)
                     && self.quantized.is_none()
                     && x.rank() == 2
-                    && x.dim(0)? <= crate::packed::max_rows() =>
+                    && x.dim(0)? <= p.max_rows() =>
             {
                 Some(p.matmul_t(x)?)
             }

@@ -59,15 +59,30 @@ fn has_v3() -> bool {
     }
 }
 
-/// Activation rows up to which this CPU's serving forward uses packed weights: all of them
-/// where the products run on AMX ([`crate::amx`]), which beats candle's gemm at every size.
+/// Activation rows up to which this CPU's serving forward uses packed weights without AMX
+/// (with it, [`PackedWeight::max_rows`] takes them all).
 pub fn max_rows() -> usize {
-    if crate::amx::available() {
-        usize::MAX
-    } else if has_v4() {
-        MAX_ROWS
-    } else {
-        MAX_ROWS_AVX2
+    if has_v4() { MAX_ROWS } else { MAX_ROWS_AVX2 }
+}
+
+/// How a model's f32 serving products are computed ([`Model::pack_for_serving_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum F32Products {
+    /// Exact f32 sums (FMA kernels, and candle's gemm for long prefill chunks).
+    Exact,
+    /// Products of [`crate::amx::MIN_ROWS`] rows or more on AMX tiles, each f32 split into
+    /// two bf16 halves ([`crate::amx`]), where the CPU has AMX; exact elsewhere.
+    Amx,
+}
+
+impl F32Products {
+    /// [`Self::Amx`] unless `LMFORGE_AMX=0` turned AMX off.
+    pub fn default_for_this_cpu() -> Self {
+        if crate::amx::available() {
+            Self::Amx
+        } else {
+            Self::Exact
+        }
     }
 }
 
@@ -329,8 +344,14 @@ fn tile_widths() -> &'static [usize] {
 
 impl PackedWeight {
     /// Pack a 2-D f32 CPU weight `[out, in]`; `None` for any other, and on CPUs without
-    /// AVX2 and FMA, where candle's matmul is the better choice.
+    /// AVX2 and FMA, where candle's matmul is the better choice. With AMX
+    /// ([`F32Products::default_for_this_cpu`]) it also gets AMX tiles.
     pub fn pack(w: &Tensor) -> Result<Option<Self>> {
+        Self::pack_with(w, F32Products::default_for_this_cpu())
+    }
+
+    /// [`Self::pack`] for the given kind of products.
+    pub fn pack_with(w: &Tensor, products: F32Products) -> Result<Option<Self>> {
         let Ok((out, k)) = w.dims2() else {
             return Ok(None);
         };
@@ -354,8 +375,19 @@ impl PackedWeight {
                     }
                 }
             });
-        let amx = crate::amx::available().then(|| crate::amx::Tiles::new(&data, k));
+        let amx = (products == F32Products::Amx && crate::amx::available())
+            .then(|| crate::amx::Tiles::new(&data, k));
         Ok(Some(Self { data, amx, out, k }))
+    }
+
+    /// Activation rows up to which the serving forward multiplies by this packed copy
+    /// (longer prefill chunks go to candle's gemm): all of them with AMX tiles.
+    pub fn max_rows(&self) -> usize {
+        if self.amx.is_some() {
+            usize::MAX
+        } else {
+            max_rows()
+        }
     }
 
     /// Bytes the packed copies take.
@@ -466,7 +498,8 @@ impl Model {
     /// returns the bytes the packed copies take. A q8_0 model is left as it is (its float
     /// leftovers stay on candle's matmul, see `quant`).
     ///
-    /// The float weights stay for prefill chunks longer than [`max_rows`], stored transposed
+    /// The float weights stay for prefill chunks longer than [`max_rows`] (without AMX tiles),
+    /// stored transposed
     /// (`[in, out]` in memory, still a `[out, in]` tensor): candle's gemm multiplies by a
     /// contiguous `wᵀ` without repacking it, 3–37% faster on the `small` shape's products at
     /// 128–512 rows than through the transposed view of `[out, in]` storage. The tied LM head
@@ -474,16 +507,22 @@ impl Model {
     /// on the packed copy and the float weights keep their layout. So a packed model serves;
     /// its weights are no longer the variables a trainer updates.
     pub fn pack_for_serving(&mut self) -> Result<u64> {
+        self.pack_for_serving_with(F32Products::default_for_this_cpu())
+    }
+
+    /// [`Self::pack_for_serving`] with the given kind of f32 products.
+    pub fn pack_for_serving_with(&mut self, products: F32Products) -> Result<u64> {
         let mut bytes = 0;
         if self.lm_head.quantized.is_some() || self.layers.iter().any(|l| l.q.quantized.is_some()) {
             return Ok(0);
         }
         let embed = self.embed.id();
         for p in self.projections_mut() {
-            if let Some(packed) = PackedWeight::pack(&p.weight)? {
+            if let Some(packed) = PackedWeight::pack_with(&p.weight, products)? {
                 bytes += packed.bytes();
+                let all_rows = packed.max_rows() == usize::MAX;
                 p.packed = Some(std::sync::Arc::new(packed));
-                if p.weight.id() != embed && !crate::amx::available() {
+                if p.weight.id() != embed && !all_rows {
                     p.weight = p.weight.t()?.contiguous()?.t()?;
                 }
             }

@@ -88,15 +88,14 @@ fn tensor_bytes(t: &Tensor) -> u64 {
 
 /// For a model that only serves from now on: drop the float weight of every quantized
 /// projection (a q8_0 model otherwise holds its f32 weights too, ~4× the q8_0 copy), and of
-/// every packed one when packed copies take every row count ([`crate::packed::max_rows`]
-/// unbounded, with AMX), and return the bytes of what the model still holds: float tensors
+/// every packed one whose packed copy takes every row count (with AMX tiles,
+/// [`crate::packed::PackedWeight::max_rows`]), and return the bytes of what the model still holds: float tensors
 /// (each once: a tied LM head shares the embedding), q8_0 copies, packed copies, biases and
 /// adapters.
 ///
 /// The released weights become empty `[0, in]` tensors: such a model can still run every
 /// forward, but no longer be trained, saved, merged or packed.
 pub fn release_float_weights(model: &mut Model) -> Result<u64> {
-    let packed_takes_all = crate::packed::max_rows() == usize::MAX;
     let embed = model.embed.id();
     let mut bytes = tensor_bytes(&model.embed) + tensor_bytes(&model.norm);
     for l in &model.layers {
@@ -107,7 +106,12 @@ pub fn release_float_weights(model: &mut Model) -> Result<u64> {
             let k = p.weight.dim(1)?;
             p.weight = Tensor::zeros((0, k), p.weight.dtype(), p.weight.device())?;
             bytes += q.bytes();
-        } else if p.packed.is_some() && packed_takes_all && p.weight.id() != embed {
+        } else if p
+            .packed
+            .as_ref()
+            .is_some_and(|q| q.max_rows() == usize::MAX)
+            && p.weight.id() != embed
+        {
             let k = p.weight.dim(1)?;
             p.weight = Tensor::zeros((0, k), p.weight.dtype(), p.weight.device())?;
         } else if p.weight.id() != embed {
