@@ -5,7 +5,8 @@
 //! f32's 24, too few for f32 serving, so each value is split: `hi = bf16(v)` (rounded to
 //! nearest even) and `lo = bf16(v - hi)`, which together keep 16 bits (relative error about
 //! 2⁻¹⁷). A product is then `hi·hi + lo·hi + hi·lo` (the `lo·lo` term, about 2⁻¹⁸ of it, is
-//! dropped) with every partial product exact and the sums in f32: a few times 2⁻¹⁷ relative
+//! dropped) with every partial product exact (AMX flushes subnormal halves to zero; finite
+//! values from ~3.4e38 round to an infinite `hi`) and the sums in f32: a few times 2⁻¹⁷ relative
 //! error per weight × activation product, against 2⁻²⁴ for f32 (bf16 serving, as vLLM and TGI
 //! do on GPUs, has 2⁻⁹). The tests here measure it against f64.
 //!
@@ -175,8 +176,12 @@ mod kernel {
 
     /// Ask Linux for the AMX tile state, if CPUID has AMX-TILE and AMX-BF16.
     pub(super) fn enable() -> bool {
-        // SAFETY: CPUID leaf 7 exists on every x86-64 CPU that has AVX2 or later; on older
-        // ones it reads as zeros (no AMX).
+        // The conversions here are compiled for AVX-512F, which an OS or hypervisor can turn
+        // off on a CPU that has AMX.
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return false;
+        }
+        // SAFETY: CPUID leaf 7 exists wherever AVX-512F does.
         #[allow(unused_unsafe)]
         let leaf7 = unsafe { std::arch::x86_64::__cpuid_count(7, 0) };
         if leaf7.edx & (1 << 22) == 0 || leaf7.edx & (1 << 24) == 0 {
@@ -299,7 +304,7 @@ mod kernel {
     /// Split `xs` into `hi` and `lo` as [`super::split`] does, 16 values at a time.
     pub(super) fn split_row(xs: &[f32], hi: &mut [u16], lo: &mut [u16]) {
         assert!(super::available() && hi.len() == xs.len() && lo.len() == xs.len());
-        // SAFETY: every AMX CPU has AVX-512F; the lengths are checked above.
+        // SAFETY: `available` checked AVX-512F; the lengths are checked above.
         unsafe { split_vectors(xs, hi, lo) }
     }
 
@@ -321,31 +326,33 @@ mod kernel {
         }
     }
 
-    /// [`convert`] where the CPU has AMX (so AVX-512F).
+    /// [`convert`] where [`super::available`] (so AVX-512F).
     pub(super) fn convert_panel(panel: &[f32], k: usize, tiles: &mut [Line]) {
         assert!(super::available());
-        // SAFETY: every AMX CPU has AVX-512F; `convert` checks the sizes.
+        // SAFETY: `available` checked AVX-512F; `convert` checks the sizes.
         unsafe { convert(panel, k, tiles) }
     }
 
-    /// `v`'s lanes rounded to bf16 (ties to even), as f32 bit patterns (low 16 bits zero).
+    /// `v`'s lanes rounded to bf16 (ties to even; a NaN becomes the quiet NaN, as
+    /// [`super::bf16_bits`] does), as f32 bit patterns (low 16 bits zero).
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn round_bf16(v: __m512i) -> __m512i {
+    fn round_bf16(v: __m512) -> __m512i {
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        let v = _mm512_castps_si512(v);
         let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(v), _mm512_set1_epi32(1));
         let up = _mm512_add_epi32(v, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-        _mm512_and_si512(up, _mm512_set1_epi32(0xffff_0000_u32 as i32))
+        let rounded = _mm512_and_si512(up, _mm512_set1_epi32(0xffff_0000_u32 as i32));
+        _mm512_mask_blend_epi32(nan, rounded, _mm512_set1_epi32(0x7fc0_0000))
     }
 
     /// `v` as `hi + lo` (bf16 each, as f32 bit patterns), as [`super::split`] does.
     #[target_feature(enable = "avx512f")]
     #[inline]
     fn split16(v: __m512) -> (__m512i, __m512i) {
-        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-        let v = _mm512_mask_blend_ps(nan, v, _mm512_castsi512_ps(_mm512_set1_epi32(0x7fc0_0000)));
-        let hi = round_bf16(_mm512_castps_si512(v));
+        let hi = round_bf16(v);
         let rest = _mm512_sub_ps(v, _mm512_castsi512_ps(hi));
-        (hi, round_bf16(_mm512_castps_si512(rest)))
+        (hi, round_bf16(rest))
     }
 
     /// Convert one f32 panel (`[k, PANEL]`) into its AMX tiles (`steps` steps of 8 column
@@ -394,28 +401,37 @@ mod kernel {
         }
     }
 
-    thread_local! {
-        /// The row count of the tile configuration this thread has loaded (0: none).
-        static LOADED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-    }
-
-    /// Load the configuration for `rows`-row tiles unless this thread has it. The tiles stay
-    /// configured between products: a `tilerelease` and a fresh `ldtilecfg` on every call
-    /// cost several µs each.
+    /// Load the configuration for `rows`-row tiles. Loaded on every product (it is cheap):
+    /// a cached one could have been replaced by other AMX code on the thread (candle's own
+    /// AMX kernels), or be gone in a forked child.
     fn configure(rows: usize) {
-        LOADED.with(|loaded| {
-            if loaded.get() != rows {
-                let cfg = Config::new(rows);
-                // SAFETY: a valid palette-1 configuration (rows ≤ 16, 64 bytes a row); the
-                // process was granted the tile state by `enable` (`available` is true
-                // whenever an `AmxWeight` exists).
-                unsafe { asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
-                loaded.set(rows);
-            }
-        });
+        let cfg = Config::new(rows);
+        // SAFETY: a valid palette-1 configuration (rows ≤ 16, 64 bytes a row); the process
+        // was granted the tile state by `enable` (`available` is true whenever tiles exist).
+        // Loading a configuration zeroes every tile register: all declared clobbered.
+        unsafe {
+            asm!(
+                "ldtilecfg [{}]",
+                in(reg) cfg.0.as_ptr(),
+                out("tmm0") _,
+                out("tmm1") _,
+                out("tmm2") _,
+                out("tmm3") _,
+                out("tmm4") _,
+                out("tmm5") _,
+                out("tmm6") _,
+                out("tmm7") _,
+                options(nostack, readonly)
+            )
+        };
     }
 
-    /// One tile of activation rows × one panel, over all `steps`.
+    /// One tile of activation rows × one panel, over all `steps` (≥ 1), in one `asm!` block
+    /// (the accumulators live in tile registers from the first `tilezero` to the stores).
+    ///
+    /// # Safety
+    /// The tile configuration for the rows must be loaded; the pointers and strides must
+    /// cover what `product` checks.
     #[inline(always)]
     unsafe fn block(
         a_hi: *const u8,
@@ -426,54 +442,62 @@ mod kernel {
         c: *mut u8,
         c_stride: usize,
     ) {
-        // SAFETY: see `product`.
+        debug_assert!(steps >= 1);
+        // SAFETY: see `product`; every tile register is declared clobbered.
         unsafe {
             asm!(
                 "tilezero tmm0",
                 "tilezero tmm1",
                 "tilezero tmm2",
                 "tilezero tmm3",
-                options(nostack, nomem)
-            );
-            for s in 0..steps {
-                asm!(
-                    "tileloadd tmm4, [{ah} + {ast}*1]",
-                    "tileloadd tmm5, [{al} + {ast}*1]",
-                    "tileloadd tmm6, [{b} + {bs}*1]",
-                    "tileloadd tmm7, [{b} + {bs}*1 + 1024]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm0, tmm5, tmm6",
-                    "tdpbf16ps tmm0, tmm4, tmm7",
-                    "tileloadd tmm6, [{b} + {bs}*1 + 2048]",
-                    "tileloadd tmm7, [{b} + {bs}*1 + 3072]",
-                    "tdpbf16ps tmm1, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm5, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tileloadd tmm6, [{b} + {bs}*1 + 4096]",
-                    "tileloadd tmm7, [{b} + {bs}*1 + 5120]",
-                    "tdpbf16ps tmm2, tmm4, tmm6",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm2, tmm4, tmm7",
-                    "tileloadd tmm6, [{b} + {bs}*1 + 6144]",
-                    "tileloadd tmm7, [{b} + {bs}*1 + 7168]",
-                    "tdpbf16ps tmm3, tmm4, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm4, tmm7",
-                    ah = in(reg) a_hi.add(s * 64),
-                    al = in(reg) a_lo.add(s * 64),
-                    ast = in(reg) a_stride,
-                    b = in(reg) b.add(s * STEP_LINES * 64),
-                    bs = in(reg) 64usize,
-                    options(nostack, readonly)
-                );
-            }
-            asm!(
+                "2:",
+                "tileloadd tmm4, [{ah} + {ast}*1]",
+                "tileloadd tmm5, [{al} + {ast}*1]",
+                "tileloadd tmm6, [{b} + {bs}*1]",
+                "tileloadd tmm7, [{b} + {bs}*1 + 1024]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm0, tmm5, tmm6",
+                "tdpbf16ps tmm0, tmm4, tmm7",
+                "tileloadd tmm6, [{b} + {bs}*1 + 2048]",
+                "tileloadd tmm7, [{b} + {bs}*1 + 3072]",
+                "tdpbf16ps tmm1, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm5, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm6, [{b} + {bs}*1 + 4096]",
+                "tileloadd tmm7, [{b} + {bs}*1 + 5120]",
+                "tdpbf16ps tmm2, tmm4, tmm6",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm2, tmm4, tmm7",
+                "tileloadd tmm6, [{b} + {bs}*1 + 6144]",
+                "tileloadd tmm7, [{b} + {bs}*1 + 7168]",
+                "tdpbf16ps tmm3, tmm4, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm4, tmm7",
+                "add {ah}, 64",
+                "add {al}, 64",
+                "add {b}, 8192",
+                "dec {steps}",
+                "jnz 2b",
                 "tilestored [{c} + {cs}*1], tmm0",
                 "tilestored [{c} + {cs}*1 + 64], tmm1",
                 "tilestored [{c} + {cs}*1 + 128], tmm2",
                 "tilestored [{c} + {cs}*1 + 192], tmm3",
+                ah = inout(reg) a_hi => _,
+                al = inout(reg) a_lo => _,
+                b = inout(reg) b => _,
+                steps = inout(reg) steps => _,
+                ast = in(reg) a_stride,
+                bs = in(reg) 64usize,
                 c = in(reg) c,
                 cs = in(reg) c_stride,
+                out("tmm0") _,
+                out("tmm1") _,
+                out("tmm2") _,
+                out("tmm3") _,
+                out("tmm4") _,
+                out("tmm5") _,
+                out("tmm6") _,
+                out("tmm7") _,
                 options(nostack)
             );
         }
@@ -550,7 +574,18 @@ mod tests {
         let mut xs: Vec<f32> = (0..1000)
             .map(|_| ((rng.uniform() - 0.5) * 10f64.powi(rng.below(20) as i32 - 10)) as f32)
             .collect();
-        xs.extend([f32::NAN, f32::INFINITY, -0.0, f32::MAX, 1e-40, -f32::NAN]);
+        // The specials inside a whole 16-value block (the vector path), and in the tail.
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            f32::MAX,
+            1e-40,
+            -f32::NAN,
+        ];
+        xs.splice(16..16, specials);
+        xs.extend(specials);
         let (mut hi, mut lo) = (vec![0u16; xs.len()], vec![0u16; xs.len()]);
         kernel::split_row(&xs, &mut hi, &mut lo);
         for (i, &v) in xs.iter().enumerate() {

@@ -28,8 +28,9 @@ pub struct Proj {
     pub lora: Option<LoraAdapter>,
     /// When set, serving uses this instead of `weight` (q8_0 weights).
     pub quantized: Option<std::sync::Arc<crate::quant::Q8Weight>>,
-    /// `weight` packed for the serving forward's small products (see [`crate::packed`]),
-    /// set by [`crate::Model::pack_for_serving`].
+    /// `weight` packed for the serving forward's products (see [`crate::packed`]; all of
+    /// them with AMX tiles, else up to `PackedWeight::max_rows` rows), set by
+    /// [`crate::Model::pack_for_serving`].
     pub packed: Option<std::sync::Arc<crate::packed::PackedWeight>>,
 }
 
@@ -89,10 +90,19 @@ impl Proj {
 
     fn apply(&self, x: &Tensor, rng: Option<&mut Rng>, serving: bool) -> Result<Tensor> {
         // A released float weight (`quant::release_float_weights`) leaves the packed copy for
-        // every forward.
+        // every forward, whatever the rank of `x`.
+        let released = self.weight.dim(0)? == 0;
         let small = match &self.packed {
+            Some(p) if self.quantized.is_none() && released => {
+                let dims = x.dims();
+                let inner = dims[dims.len() - 1];
+                let y = p.matmul_t(&x.reshape((x.elem_count() / inner, inner))?)?;
+                let mut out = dims.to_vec();
+                *out.last_mut().expect("x has at least one dim") = y.dim(1)?;
+                Some(y.reshape(out)?)
+            }
             Some(p)
-                if (serving || self.weight.dim(0)? == 0)
+                if serving
                     && self.quantized.is_none()
                     && x.rank() == 2
                     && x.dim(0)? <= p.max_rows() =>

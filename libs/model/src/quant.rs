@@ -94,7 +94,7 @@ fn tensor_bytes(t: &Tensor) -> u64 {
 /// adapters.
 ///
 /// The released weights become empty `[0, in]` tensors: such a model can still run every
-/// forward, but no longer be trained, saved, merged or packed.
+/// forward (on its q8_0 or packed copies), but no longer be trained, saved, merged or packed.
 pub fn release_float_weights(model: &mut Model) -> Result<u64> {
     let embed = model.embed.id();
     let mut bytes = tensor_bytes(&model.embed) + tensor_bytes(&model.norm);

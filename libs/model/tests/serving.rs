@@ -252,6 +252,21 @@ fn long_prefill_on_a_packed_model_matches_the_unpacked_one() {
                 .expect("logits"),
             served.to_vec2::<f32>().expect("logits")
         );
+        // The training forward (3-D activations) still runs on the packed copies.
+        let ids = Tensor::new(&tokens[..40], &Device::Cpu)
+            .expect("ids")
+            .unsqueeze(0)
+            .expect("batch");
+        let full = plain.forward_train(&ids, None, None).expect("forward");
+        let lean_full = lean
+            .forward_train(&ids, None, None)
+            .expect("released forward");
+        assert_eq!(lean_full.dims(), full.dims());
+        let d = common::max_abs_diff(&full, &lean_full);
+        assert!(
+            d < amx_tolerance(&full),
+            "released training forward, tied {tied}: {d}"
+        );
     }
 }
 

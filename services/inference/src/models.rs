@@ -207,7 +207,8 @@ impl ModelManager {
 
     /// Estimated bytes of `version` once loaded: its weight files (twice for f32 serving
     /// without q8_0, which adds a packed copy of the projections and LM head, or with AMX
-    /// two packed copies in place of the float weights) plus the KV cache.
+    /// two packed copies in place of the float weights, 2.5× as a tied embedding stays too)
+    /// plus the KV cache.
     fn estimate(&self, version: &pb::ModelVersion, options: Options) -> u64 {
         let weights: u64 = version
             .files
@@ -217,7 +218,12 @@ impl ModelManager {
             .sum();
         let weights =
             if options.quantization != pb::Quantization::Q80 && self.settings.dtype == DType::F32 {
-                weights * 2
+                // With AMX a tied LM head keeps the embedding beside its two packed copies.
+                if lmforge_model::amx::available() {
+                    weights * 5 / 2
+                } else {
+                    weights * 2
+                }
             } else {
                 weights
             };
