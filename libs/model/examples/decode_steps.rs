@@ -1,7 +1,8 @@
 //! Greedy decode steps of a shape with random weights, for profiling one configuration:
 //! `cargo run --release -p lmforge-model --example decode_steps -- small 1 q8 200`
 //! (shape, batch, `f32` or `q8`, steps); prints decode tokens/s. With 0 steps it times the
-//! prefill of `batch` 32-token prompts instead.
+//! prefill of `batch` prompts instead. Prompts are 32 tokens (`PROMPT=256` for longer);
+//! `LMFORGE_AMX=0` runs the f32 products without AMX, for A/B runs.
 
 use std::time::Instant;
 
