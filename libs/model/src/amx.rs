@@ -174,6 +174,24 @@ mod kernel {
 
     use super::{Acts, Line, PANEL, ROWS, STEP_LINES};
 
+    /// `asm!` with every tile register (tmm0–7) declared clobbered, and the given options.
+    macro_rules! asm_on_tiles {
+        ([$($option:ident),*] $($args:tt)*) => {
+            asm!(
+                $($args)*,
+                out("tmm0") _,
+                out("tmm1") _,
+                out("tmm2") _,
+                out("tmm3") _,
+                out("tmm4") _,
+                out("tmm5") _,
+                out("tmm6") _,
+                out("tmm7") _,
+                options($($option),*)
+            )
+        };
+    }
+
     /// Ask Linux for the AMX tile state, if CPUID has AMX-TILE and AMX-BF16.
     pub(super) fn enable() -> bool {
         // The conversions here are compiled for AVX-512F, which an OS or hypervisor can turn
@@ -410,18 +428,10 @@ mod kernel {
         // was granted the tile state by `enable` (`available` is true whenever tiles exist).
         // Loading a configuration zeroes every tile register: all declared clobbered.
         unsafe {
-            asm!(
+            asm_on_tiles!(
+                [nostack, readonly]
                 "ldtilecfg [{}]",
-                in(reg) cfg.0.as_ptr(),
-                out("tmm0") _,
-                out("tmm1") _,
-                out("tmm2") _,
-                out("tmm3") _,
-                out("tmm4") _,
-                out("tmm5") _,
-                out("tmm6") _,
-                out("tmm7") _,
-                options(nostack, readonly)
+                in(reg) cfg.0.as_ptr()
             )
         };
     }
@@ -445,7 +455,8 @@ mod kernel {
         debug_assert!(steps >= 1);
         // SAFETY: see `product`; every tile register is declared clobbered.
         unsafe {
-            asm!(
+            asm_on_tiles!(
+                [nostack]
                 "tilezero tmm0",
                 "tilezero tmm1",
                 "tilezero tmm2",
@@ -489,16 +500,7 @@ mod kernel {
                 ast = in(reg) a_stride,
                 bs = in(reg) 64usize,
                 c = in(reg) c,
-                cs = in(reg) c_stride,
-                out("tmm0") _,
-                out("tmm1") _,
-                out("tmm2") _,
-                out("tmm3") _,
-                out("tmm4") _,
-                out("tmm5") _,
-                out("tmm6") _,
-                out("tmm7") _,
-                options(nostack)
+                cs = in(reg) c_stride
             );
         }
     }

@@ -383,11 +383,17 @@ impl PackedWeight {
     /// Activation rows up to which the serving forward multiplies by this packed copy
     /// (longer prefill chunks go to candle's gemm): all of them with AMX tiles.
     pub fn max_rows(&self) -> usize {
-        if self.amx.is_some() {
+        if self.takes_every_row() {
             usize::MAX
         } else {
             max_rows()
         }
+    }
+
+    /// Whether this copy serves every row count (it has AMX tiles), so the float weight it
+    /// was packed from is no longer multiplied.
+    pub fn takes_every_row(&self) -> bool {
+        self.amx.is_some()
     }
 
     /// Bytes the packed copies take.
@@ -520,7 +526,7 @@ impl Model {
         for p in self.projections_mut() {
             if let Some(packed) = PackedWeight::pack_with(&p.weight, products)? {
                 bytes += packed.bytes();
-                let all_rows = packed.max_rows() == usize::MAX;
+                let all_rows = packed.takes_every_row();
                 p.packed = Some(std::sync::Arc::new(packed));
                 if p.weight.id() != embed && !all_rows {
                     p.weight = p.weight.t()?.contiguous()?.t()?;

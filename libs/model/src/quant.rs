@@ -89,7 +89,7 @@ fn tensor_bytes(t: &Tensor) -> u64 {
 /// For a model that only serves from now on: drop the float weight of every quantized
 /// projection (a q8_0 model otherwise holds its f32 weights too, ~4× the q8_0 copy), and of
 /// every packed one whose packed copy takes every row count (with AMX tiles,
-/// [`crate::packed::PackedWeight::max_rows`]), and return the bytes of what the model still holds: float tensors
+/// [`crate::packed::PackedWeight::takes_every_row`]), and return the bytes of what the model still holds: float tensors
 /// (each once: a tied LM head shares the embedding), q8_0 copies, packed copies, biases and
 /// adapters.
 ///
@@ -106,12 +106,7 @@ pub fn release_float_weights(model: &mut Model) -> Result<u64> {
             let k = p.weight.dim(1)?;
             p.weight = Tensor::zeros((0, k), p.weight.dtype(), p.weight.device())?;
             bytes += q.bytes();
-        } else if p
-            .packed
-            .as_ref()
-            .is_some_and(|q| q.max_rows() == usize::MAX)
-            && p.weight.id() != embed
-        {
+        } else if p.packed.as_ref().is_some_and(|q| q.takes_every_row()) && p.weight.id() != embed {
             let k = p.weight.dim(1)?;
             p.weight = Tensor::zeros((0, k), p.weight.dtype(), p.weight.device())?;
         } else if p.weight.id() != embed {

@@ -148,14 +148,9 @@ fn batched_paged_decode_matches_training_forward_llama() {
 
 #[test]
 fn batched_paged_decode_with_packed_weights_matches_training_forward() {
-    run_schedule(
-        &common::micro_config(Architecture::Llama, false),
-        Some(F32Products::Exact),
-    );
-    run_schedule(
-        &common::micro_config(Architecture::Qwen2, true),
-        Some(F32Products::Exact),
-    );
+    for (arch, tied) in [(Architecture::Llama, false), (Architecture::Qwen2, true)] {
+        run_schedule(&common::micro_config(arch, tied), Some(F32Products::Exact));
+    }
 }
 
 #[test]
@@ -164,14 +159,9 @@ fn batched_paged_decode_on_amx_matches_training_forward_within_its_error() {
         eprintln!("skipped: no AMX here");
         return;
     }
-    run_schedule(
-        &common::micro_config(Architecture::Llama, false),
-        Some(F32Products::Amx),
-    );
-    run_schedule(
-        &common::micro_config(Architecture::Qwen2, true),
-        Some(F32Products::Amx),
-    );
+    for (arch, tied) in [(Architecture::Llama, false), (Architecture::Qwen2, true)] {
+        run_schedule(&common::micro_config(arch, tied), Some(F32Products::Amx));
+    }
     let mut cfg = common::micro_config(Architecture::Llama, false);
     (
         cfg.num_attention_heads,
