@@ -17,6 +17,7 @@
 
 pub mod alloc_tuning;
 pub mod amx;
+pub mod backprop;
 pub mod chat;
 pub mod config;
 pub mod error;

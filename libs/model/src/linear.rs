@@ -40,8 +40,16 @@ pub fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
+    let mask = dropout_mask(x.elem_count(), p, rng);
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok(x.mul(&mask)?)
+}
+
+/// [`dropout`]'s multiplier for `len` elements: 0 with probability `p`, else `1 / (1 - p)`;
+/// draws one uniform from `rng` per element.
+pub fn dropout_mask(len: usize, p: f32, rng: &mut Rng) -> Vec<f32> {
     let keep = 1.0 / (1.0 - p as f64);
-    let mask: Vec<f32> = (0..x.elem_count())
+    (0..len)
         .map(|_| {
             if rng.uniform() < p as f64 {
                 0.0
@@ -49,9 +57,7 @@ pub fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> Result<Tensor> {
                 keep as f32
             }
         })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok(x.mul(&mask)?)
+        .collect()
 }
 
 /// `x [n, in] · wᵀ [in, out]` for any number of leading dims of `x`.

@@ -95,6 +95,26 @@ pub fn lm_head_loss(
     label_mask: &Tensor,
     normalizer: Option<f64>,
 ) -> Result<(f64, Tensor)> {
+    let dtype = hidden.dtype();
+    let (loss, d_hidden, d_weight) =
+        lm_head_loss_grads(hidden, weight, input_ids, label_mask, normalizer)?;
+    let mut surrogate = (hidden * d_hidden.to_dtype(dtype)?)?.sum_all()?;
+    // A frozen weight (LoRA training) needs no gradient.
+    if weight.is_variable() {
+        surrogate = (surrogate + (weight * d_weight.to_dtype(weight.dtype())?)?.sum_all()?)?;
+    }
+    Ok((loss, surrogate))
+}
+
+/// [`lm_head_loss`]'s value and its gradients themselves: `d_hidden` `[b, t, hidden]` and
+/// `d_weight` `[vocab, hidden]`, in f32 (f64 for f64 models).
+pub fn lm_head_loss_grads(
+    hidden: &Tensor,
+    weight: &Tensor,
+    input_ids: &Tensor,
+    label_mask: &Tensor,
+    normalizer: Option<f64>,
+) -> Result<(f64, Tensor, Tensor)> {
     let (b, t, h) = hidden.dims3()?;
     let (v, h2) = weight.dims2()?;
     if h != h2 {
@@ -166,12 +186,7 @@ pub fn lm_head_loss(
         ],
         1,
     )?;
-    let mut surrogate = (hidden * d_hidden.to_dtype(dtype)?)?.sum_all()?;
-    // A frozen weight (LoRA training) needs no gradient.
-    if weight.is_variable() {
-        surrogate = (surrogate + (weight * d_weight.to_dtype(weight.dtype())?)?.sum_all()?)?;
-    }
-    Ok((loss, surrogate))
+    Ok((loss, d_hidden, d_weight))
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use std::path::Path;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::backprop;
 use crate::error::{ModelError, Result};
 use crate::loss;
 use crate::model::Model;
@@ -71,6 +72,9 @@ pub struct Trainer {
     pub rng: Rng,
     /// Optimizer steps taken.
     pub step: usize,
+    /// Run every step through candle's autograd even where the hand-written backward
+    /// ([`crate::backprop`]) applies; set from `LMFORGE_TRAIN_AUTOGRAD=1` (A/B runs).
+    pub autograd: bool,
 }
 
 impl Trainer {
@@ -82,6 +86,7 @@ impl Trainer {
             rng: Rng::new(config.seed),
             config,
             step: 0,
+            autograd: std::env::var("LMFORGE_TRAIN_AUTOGRAD").is_ok_and(|v| v.trim() == "1"),
         })
     }
 
@@ -100,9 +105,30 @@ impl Trainer {
         let n = self.optimizer.vars.len();
         let mut grads: Vec<Option<Tensor>> = vec![None; n];
         let mut loss_sum = 0.0;
+        let hand_written = !self.autograd && backprop::supported(&self.model);
         for mb in micro_batches {
             // Always in training mode, even at dropout 0: LoRA adapters have their own dropout.
             let train = Some((self.config.dropout, &mut self.rng));
+            if hand_written {
+                let g = backprop::loss_and_grads(
+                    &self.model,
+                    &mb.input_ids,
+                    &mb.attention_mask,
+                    &mb.label_mask,
+                    Some(total),
+                    train,
+                )?;
+                loss_sum += g.loss;
+                for (i, (_, var)) in self.optimizer.vars.iter().enumerate() {
+                    if let Some(g) = g.grads.get(&var.as_tensor().id()) {
+                        grads[i] = Some(match grads[i].take() {
+                            Some(acc) => (acc + g)?,
+                            None => g.clone(),
+                        });
+                    }
+                }
+                continue;
+            }
             let head = &self.model.lm_head;
             let (value, objective) = if head.lora.is_none() && head.bias.is_none() {
                 // The LM head and loss without materialising the logits (see lm_head_loss).

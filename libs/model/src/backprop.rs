@@ -1,0 +1,961 @@
+//! A hand-written forward and backward of the llama body, for full fine-tuning on the CPU in
+//! f32 (or f64): [`loss_and_grads`] returns the loss and the gradient of every weight without
+//! candle's autograd.
+//!
+//! candle's backward allocates a zeroed tensor for every gradient it meets and adds into it
+//! (`GradStore::or_insert` + `add`), and the composed forward records a node per small op:
+//! on the `small` shape at 8 × 256 tokens that bookkeeping, not the products, was most of a
+//! training step (perf: 46% gemm; zeroing, copying and gradient sums most of the rest). Here
+//! each layer keeps the few activations its backward reads (normalised inputs, rotated
+//! q/k, v, attention probabilities, the MLP's gate and up outputs), the products run on
+//! `gemm` straight from and into those buffers (weight gradients `dyᵀ · x` read `dy`
+//! transposed in place), attention runs per (sequence, head) on row-strided views of the
+//! projections without transposes, and the element-wise steps (RMS norm, rotary, softmax,
+//! SiLU gate) are single passes with their backward written out:
+//! - RMS norm `y = x · r · w`, `r = 1 / √(mean x² + ε)`: `dw = Σ dy ⊙ x · r`,
+//!   `dx = r · dn − x · r³ · Σⱼ(dn ⊙ x) / H` with `dn = dy ⊙ w`;
+//! - rotary: the inverse rotation (`sin → −sin`);
+//! - softmax: `ds = p ⊙ (dp − Σⱼ dp ⊙ p)`;
+//! - `a = silu(g) · u`: `du = da · silu(g)`, `dg = da · u · σ(g) · (1 + g · (1 − σ(g)))`.
+//!
+//! The results equal the autograd path's (`Model::forward_train` + `causal_lm_loss`) up to
+//! summation order, masks included: causal, sliding window, key padding (a query that sees no
+//! key attends uniformly, as the additive `-1e9` mask makes it), and seeded dropout drawn in
+//! the same order from the same generator. Sums over rows (norm weights, biases) run in
+//! fixed chunks, so a step is bit-for-bit repeatable. LoRA adapters, q8_0 or released
+//! weights, other devices and half precision train through autograd ([`supported`]).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Storage, StorageRef, Tensor, TensorId, WithDType};
+use rayon::prelude::*;
+
+use crate::error::{ModelError, Result};
+use crate::linear::{Proj, dropout_mask};
+use crate::loss;
+use crate::model::{Layer, Model};
+use crate::rng::Rng;
+
+/// The element types this path computes in.
+pub trait Real: WithDType {
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+}
+
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+}
+
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+}
+
+/// Whether `model` trains on this path: CPU f32/f64 weights, all present and contiguous,
+/// no LoRA adapters, q8_0 weights or LM-head bias.
+pub fn supported(model: &Model) -> bool {
+    let plain = |p: &Proj| {
+        p.lora.is_none()
+            && p.quantized.is_none()
+            && p.weight.dims().first().is_some_and(|&d| d > 0)
+            && p.weight.is_contiguous()
+            && p.bias.as_ref().is_none_or(Tensor::is_contiguous)
+    };
+    matches!(model.device(), Device::Cpu)
+        && matches!(model.dtype(), DType::F32 | DType::F64)
+        && model.embed.is_contiguous()
+        && model.lm_head.bias.is_none()
+        && plain(&model.lm_head)
+        && model.layers.iter().all(|l| {
+            [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                .into_iter()
+                .all(plain)
+        })
+}
+
+/// Loss and weight gradients of one micro-batch, keyed by the id of the model's tensor
+/// (a tied embedding gets the sum of both uses).
+pub struct Gradients {
+    /// Summed masked negative log-likelihood over `normalizer`.
+    pub loss: f64,
+    pub grads: HashMap<TensorId, Tensor>,
+}
+
+/// The training loss of `input_ids` (`[b, t]`) and every weight's gradient, as
+/// `loss::lm_head_loss` over `Model::forward_train_hidden` would give them. `dropout` carries
+/// the probability and the generator the masks come from. The model must be
+/// [`supported`].
+pub fn loss_and_grads(
+    model: &Model,
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+    label_mask: &Tensor,
+    normalizer: Option<f64>,
+    dropout: Option<(f32, &mut Rng)>,
+) -> Result<Gradients> {
+    if !supported(model) {
+        return Err(ModelError::input(
+            "model",
+            "the hand-written backward needs CPU f32/f64 weights without adapters",
+        ));
+    }
+    let batch = BatchInfo::new(model, input_ids, attention_mask)?;
+    match model.dtype() {
+        DType::F32 => run::<f32>(model, &batch, input_ids, label_mask, normalizer, dropout),
+        _ => run::<f64>(model, &batch, input_ids, label_mask, normalizer, dropout),
+    }
+}
+
+/// The token ids and which keys are real tokens, checked.
+struct BatchInfo {
+    b: usize,
+    t: usize,
+    ids: Vec<u32>,
+    /// `[b, t]`: whether the key is a token (not padding).
+    keys: Vec<bool>,
+}
+
+impl BatchInfo {
+    fn new(model: &Model, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Self> {
+        let (b, t) = input_ids.dims2()?;
+        if t > model.config.max_position_embeddings {
+            return Err(ModelError::input(
+                "input_ids",
+                format!("{t} positions exceed max_position_embeddings"),
+            ));
+        }
+        if attention_mask.dims() != [b, t] {
+            return Err(ModelError::input(
+                "attention_mask",
+                format!("shape {:?}, expected [{b}, {t}]", attention_mask.dims()),
+            ));
+        }
+        let ids = input_ids
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .to_vec1::<u32>()?;
+        let vocab = model.config.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(ModelError::input(
+                "input_ids",
+                format!("token id {bad} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        let keys = attention_mask
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|m| m != 0.0)
+            .collect();
+        Ok(Self { b, t, ids, keys })
+    }
+}
+
+/// A CPU tensor's data, borrowed for the step.
+struct View<'a> {
+    guard: StorageRef<'a>,
+    start: usize,
+    len: usize,
+}
+
+impl<'a> View<'a> {
+    fn of(t: &'a Tensor) -> Result<Self> {
+        let (guard, layout) = t.storage_and_layout();
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| ModelError::input("model", "weights must be contiguous"))?;
+        Ok(Self {
+            guard,
+            start,
+            len: end - start,
+        })
+    }
+
+    fn slice<T: WithDType>(&self) -> &[T] {
+        match &*self.guard {
+            Storage::Cpu(c) => &c.as_slice::<T>().expect("dtype checked by supported")
+                [self.start..self.start + self.len],
+            _ => unreachable!("device checked by supported"),
+        }
+    }
+}
+
+/// A strided matrix view: element `(i, j)` at `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a, T> {
+    data: &'a [T],
+    rs: usize,
+    cs: usize,
+}
+
+/// Row-major `[_, cols]`.
+fn rows<T>(data: &[T], cols: usize) -> Mat<'_, T> {
+    Mat {
+        data,
+        rs: cols,
+        cs: 1,
+    }
+}
+
+/// Row-major rows of stride `rs` starting at `data[off]`.
+fn at<T>(data: &[T], off: usize, rs: usize) -> Mat<'_, T> {
+    Mat {
+        data: &data[off..],
+        rs,
+        cs: 1,
+    }
+}
+
+impl<T> Mat<'_, T> {
+    fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// `dst[m, n]` (row stride `dst_rs`) `= scale · a[m, k] · b[k, n]`, or `+=` when
+/// `accumulate`. `threads`: run on the rayon pool, else on this thread.
+#[allow(unsafe_code)]
+#[allow(clippy::too_many_arguments)]
+fn gemm<T: Real>(
+    dst: &mut [T],
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    scale: T,
+    accumulate: bool,
+    threads: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
+    assert!(last(dst_rs, 1, m, n) < dst.len(), "gemm: dst too small");
+    if k > 0 {
+        assert!(last(a.rs, a.cs, m, k) < a.data.len(), "gemm: lhs too small");
+        assert!(last(b.rs, b.cs, k, n) < b.data.len(), "gemm: rhs too small");
+    }
+    let parallelism = if threads {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every index gemm touches, `(i, j) ↦ i·rs + j·cs` over the checked extents,
+    // lies inside the slices asserted above; `dst` is borrowed mutably, so no other view
+    // aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::one(),
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Rows per task of the element-wise passes and fixed-chunk row sums.
+const ROW_CHUNK: usize = 64;
+
+/// `Σ_rows f(row_index, row)` into a `width` vector, in fixed chunks summed in order (so the
+/// result does not depend on scheduling).
+fn row_sums<T: Real>(n: usize, width: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) -> Vec<T> {
+    let partials: Vec<Vec<T>> = (0..n.div_ceil(ROW_CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let mut acc = vec![T::zero(); width];
+            for i in c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(n) {
+                f(i, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![T::zero(); width];
+    for p in partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
+}
+
+/// `x [n, in] · wᵀ (+ bias)` → `[n, out]`.
+fn linear<T: Real>(x: &[T], w: &[T], bias: Option<&[T]>, n: usize, inn: usize) -> Vec<T> {
+    let out = w.len() / inn;
+    let mut y = vec![T::zero(); n * out];
+    gemm(
+        &mut y,
+        out,
+        (n, out, inn),
+        rows(x, inn),
+        rows(w, inn).t(),
+        T::one(),
+        false,
+        true,
+    );
+    if let Some(b) = bias {
+        y.par_chunks_mut(out * ROW_CHUNK).for_each(|c| {
+            for row in c.chunks_exact_mut(out) {
+                for (v, &b) in row.iter_mut().zip(b) {
+                    *v += b;
+                }
+            }
+        });
+    }
+    y
+}
+
+/// The gradients of `y = x · wᵀ (+ b)` for `dy [n, out]`: `dw = dyᵀ · x`, `db = Σ dy`.
+fn linear_weight_grads<T: Real>(
+    dy: &[T],
+    x: &[T],
+    n: usize,
+    inn: usize,
+    with_bias: bool,
+) -> (Vec<T>, Option<Vec<T>>) {
+    let out = dy.len() / n;
+    let mut dw = vec![T::zero(); out * inn];
+    gemm(
+        &mut dw,
+        inn,
+        (out, inn, n),
+        rows(dy, out).t(),
+        rows(x, inn),
+        T::one(),
+        false,
+        true,
+    );
+    let db = with_bias.then(|| {
+        row_sums(n, out, |i, acc: &mut [T]| {
+            for (a, &v) in acc.iter_mut().zip(&dy[i * out..(i + 1) * out]) {
+                *a += v;
+            }
+        })
+    });
+    (dw, db)
+}
+
+/// `dx (+)= dy [n, out] · w [out, in]`.
+fn linear_input_grad<T: Real>(dx: &mut [T], dy: &[T], w: &[T], n: usize, accumulate: bool) {
+    let inn = dx.len() / n;
+    let out = w.len() / inn;
+    gemm(
+        dx,
+        inn,
+        (n, inn, out),
+        rows(dy, out),
+        rows(w, inn),
+        T::one(),
+        accumulate,
+        true,
+    );
+}
+
+/// RMS norm of each `h`-wide row: `(x · r ⊙ w, r)`, `r = 1 / √(mean x² + ε)`.
+fn rms_forward<T: Real>(x: &[T], w: &[T], eps: f64) -> (Vec<T>, Vec<T>) {
+    let h = w.len();
+    let n = x.len() / h;
+    let mut y = vec![T::zero(); x.len()];
+    let mut r = vec![T::zero(); n];
+    let eps = T::from_f64(eps);
+    let hn = T::from_f64(h as f64);
+    y.par_chunks_mut(h * ROW_CHUNK)
+        .zip(r.par_chunks_mut(ROW_CHUNK))
+        .zip(x.par_chunks(h * ROW_CHUNK))
+        .for_each(|((y, r), x)| {
+            for ((y, r), x) in y.chunks_exact_mut(h).zip(r).zip(x.chunks_exact(h)) {
+                let mut ss = T::zero();
+                for &v in x {
+                    ss += v * v;
+                }
+                *r = T::one() / (ss / hn + eps).sqrt();
+                for ((y, &v), &w) in y.iter_mut().zip(x).zip(w) {
+                    *y = v * *r * w;
+                }
+            }
+        });
+    (y, r)
+}
+
+/// Backward of [`rms_forward`]: `dx += ∂/∂x` (into the residual gradient), returns `dw`.
+fn rms_backward<T: Real>(dx: &mut [T], dy: &[T], x: &[T], r: &[T], w: &[T]) -> Vec<T> {
+    let h = w.len();
+    let n = r.len();
+    let hn = T::from_f64(h as f64);
+    let dw = row_sums(n, h, |i, acc: &mut [T]| {
+        let (dy, x) = (&dy[i * h..(i + 1) * h], &x[i * h..(i + 1) * h]);
+        for ((a, &g), &v) in acc.iter_mut().zip(dy).zip(x) {
+            *a += g * v * r[i];
+        }
+    });
+    dx.par_chunks_mut(h * ROW_CHUNK)
+        .enumerate()
+        .for_each(|(c, dx)| {
+            for (j, dx) in dx.chunks_exact_mut(h).enumerate() {
+                let i = c * ROW_CHUNK + j;
+                let (dy, x, r) = (&dy[i * h..(i + 1) * h], &x[i * h..(i + 1) * h], r[i]);
+                let mut dot = T::zero();
+                for ((&g, &w), &v) in dy.iter().zip(w).zip(x) {
+                    dot += g * w * v;
+                }
+                let k = r * r * r * dot / hn;
+                for (((d, &g), &w), &v) in dx.iter_mut().zip(dy).zip(w).zip(x) {
+                    *d += r * g * w - v * k;
+                }
+            }
+        });
+    dw
+}
+
+/// Softmax of the attention scores of one (sequence, head) `[t, t]` in place, with the
+/// causal / window / key-padding mask; a query that sees no key attends uniformly.
+fn masked_softmax<T: Real>(s: &mut [T], t: usize, keys: &[bool], window: usize) {
+    let uniform = T::one() / T::from_f64(t as f64);
+    for (i, row) in s.chunks_exact_mut(t).enumerate() {
+        let visible = |j: usize| j <= i && i - j < window && keys[j];
+        let mut max = None::<T>;
+        for (j, &v) in row.iter().enumerate() {
+            if visible(j) && max.is_none_or(|m| v > m) {
+                max = Some(v);
+            }
+        }
+        let Some(max) = max else {
+            row.fill(uniform);
+            continue;
+        };
+        let mut sum = T::zero();
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = if visible(j) {
+                let e = (*v - max).exp();
+                sum += e;
+                e
+            } else {
+                T::zero()
+            };
+        }
+        let inv = T::one() / sum;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+/// One layer's saved activations.
+struct Saved<T> {
+    x: Vec<T>,
+    r1: Vec<T>,
+    h1: Vec<T>,
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    p: Vec<T>,
+    att: Vec<T>,
+    drop_o: Option<Vec<T>>,
+    x2: Vec<T>,
+    r2: Vec<T>,
+    h2: Vec<T>,
+    g: Vec<T>,
+    u: Vec<T>,
+    a: Vec<T>,
+    drop_m: Option<Vec<T>>,
+}
+
+/// The shapes of one step.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    n: usize,
+    hidden: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    inter: usize,
+    window: usize,
+    scale: f64,
+}
+
+/// A layer's weights, borrowed.
+struct LayerViews<'a> {
+    input_norm: View<'a>,
+    post_norm: View<'a>,
+    proj: [(View<'a>, Option<View<'a>>); 7],
+}
+
+impl<'a> LayerViews<'a> {
+    fn of(l: &'a Layer) -> Result<Self> {
+        let p = |p: &'a Proj| -> Result<(View<'a>, Option<View<'a>>)> {
+            Ok((
+                View::of(&p.weight)?,
+                p.bias.as_ref().map(View::of).transpose()?,
+            ))
+        };
+        Ok(Self {
+            input_norm: View::of(&l.input_norm)?,
+            post_norm: View::of(&l.post_norm)?,
+            proj: [
+                p(&l.q)?,
+                p(&l.k)?,
+                p(&l.v)?,
+                p(&l.o)?,
+                p(&l.gate)?,
+                p(&l.up)?,
+                p(&l.down)?,
+            ],
+        })
+    }
+}
+
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
+fn run<T: Real>(
+    model: &Model,
+    batch: &BatchInfo,
+    input_ids: &Tensor,
+    label_mask: &Tensor,
+    normalizer: Option<f64>,
+    mut dropout: Option<(f32, &mut Rng)>,
+) -> Result<Gradients> {
+    let cfg = &model.config;
+    let (b, t) = (batch.b, batch.t);
+    let d = Dims {
+        b,
+        t,
+        n: b * t,
+        hidden: cfg.hidden_size,
+        nh: cfg.num_attention_heads,
+        nkv: cfg.num_key_value_heads,
+        hd: cfg.head_dim,
+        inter: cfg.intermediate_size,
+        window: cfg.sliding_window.unwrap_or(usize::MAX),
+        scale: 1.0 / (cfg.head_dim as f64).sqrt(),
+    };
+    let (n, hs) = (d.n, d.hidden);
+    let cos_v = View::of(&model.cos)?;
+    let sin_v = View::of(&model.sin)?;
+    let (cos, sin) = (
+        &cos_v.slice::<T>()[..t * d.hd / 2],
+        &sin_v.slice::<T>()[..t * d.hd / 2],
+    );
+    let views = model
+        .layers
+        .iter()
+        .map(LayerViews::of)
+        .collect::<Result<Vec<_>>>()?;
+    let embed_v = View::of(&model.embed)?;
+    let embed = embed_v.slice::<T>();
+    let mut x = vec![T::zero(); n * hs];
+    for (row, &id) in x.chunks_exact_mut(hs).zip(&batch.ids) {
+        let id = id as usize;
+        row.copy_from_slice(&embed[id * hs..(id + 1) * hs]);
+    }
+
+    let mut saved = Vec::with_capacity(views.len());
+    for lv in &views {
+        let w = |i: usize| lv.proj[i].0.slice::<T>();
+        let bias = |i: usize| lv.proj[i].1.as_ref().map(View::slice::<T>);
+        let (h1, r1) = rms_forward(&x, lv.input_norm.slice::<T>(), cfg.rms_norm_eps);
+        let mut q = linear(&h1, w(Q), bias(Q), n, hs);
+        let mut k = linear(&h1, w(K), bias(K), n, hs);
+        let v = linear(&h1, w(V), bias(V), n, hs);
+        rotate(&mut q, d.nh * d.hd, &d, cos, sin, false);
+        rotate(&mut k, d.nkv * d.hd, &d, cos, sin, false);
+        let (p, att) = attention_forward(&q, &k, &v, &d, &batch.keys);
+        let mut o = linear(&att, w(O), None, n, d.nh * d.hd);
+        let drop_o = apply_dropout(&mut o, &mut dropout);
+        let x2: Vec<T> = x.iter().zip(&o).map(|(&a, &b)| a + b).collect();
+        drop(o);
+        let (h2, r2) = rms_forward(&x2, lv.post_norm.slice::<T>(), cfg.rms_norm_eps);
+        let g = linear(&h2, w(GATE), None, n, hs);
+        let u = linear(&h2, w(UP), None, n, hs);
+        let a = silu_mul(&g, &u);
+        let mut m = linear(&a, w(DOWN), None, n, d.inter);
+        let drop_m = apply_dropout(&mut m, &mut dropout);
+        let x3: Vec<T> = x2.iter().zip(&m).map(|(&a, &b)| a + b).collect();
+        saved.push(Saved {
+            x: std::mem::replace(&mut x, x3),
+            r1,
+            h1,
+            q,
+            k,
+            v,
+            p,
+            att,
+            drop_o,
+            x2,
+            r2,
+            h2,
+            g,
+            u,
+            a,
+            drop_m,
+        });
+    }
+    let norm_v = View::of(&model.norm)?;
+    let (hf, rf) = rms_forward(&x, norm_v.slice::<T>(), cfg.rms_norm_eps);
+    let hidden = Tensor::from_vec(hf, (b, t, hs), &Device::Cpu)?;
+    let (loss_value, d_hidden, d_head) = loss::lm_head_loss_grads(
+        &hidden,
+        &model.lm_head.weight.detach(),
+        input_ids,
+        label_mask,
+        normalizer,
+    )?;
+    drop(hidden);
+    let d_hf = d_hidden.flatten_all()?.to_vec1::<T>()?;
+
+    let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
+    let mut put = |t: &Tensor, g: Vec<T>| -> Result<()> {
+        let g = Tensor::from_vec(g, t.shape(), &Device::Cpu)?;
+        let g = match grads.remove(&t.id()) {
+            Some(prev) => (prev + g)?,
+            None => g,
+        };
+        grads.insert(t.id(), g);
+        Ok(())
+    };
+    let mut dx = vec![T::zero(); n * hs];
+    let dw = rms_backward(&mut dx, &d_hf, &x, &rf, norm_v.slice::<T>());
+    put(&model.norm, dw)?;
+    drop(d_hf);
+
+    for ((s, lv), layer) in saved.into_iter().zip(&views).zip(&model.layers).rev() {
+        let w = |i: usize| lv.proj[i].0.slice::<T>();
+        // The MLP: x3 = x2 + down(silu(gate(h2)) · up(h2)).
+        let dm = masked(&dx, s.drop_m.as_deref());
+        let (dw, _) = linear_weight_grads(&dm, &s.a, n, d.inter, false);
+        put(&layer.down.weight, dw)?;
+        let mut da = vec![T::zero(); n * d.inter];
+        linear_input_grad(&mut da, &dm, w(DOWN), n, false);
+        drop(dm);
+        let (dg, du) = silu_mul_backward(&da, &s.g, &s.u);
+        drop(da);
+        let (dw, _) = linear_weight_grads(&dg, &s.h2, n, hs, false);
+        put(&layer.gate.weight, dw)?;
+        let (dw, _) = linear_weight_grads(&du, &s.h2, n, hs, false);
+        put(&layer.up.weight, dw)?;
+        let mut dh2 = vec![T::zero(); n * hs];
+        linear_input_grad(&mut dh2, &dg, w(GATE), n, false);
+        linear_input_grad(&mut dh2, &du, w(UP), n, true);
+        drop((dg, du));
+        let dw = rms_backward(&mut dx, &dh2, &s.x2, &s.r2, lv.post_norm.slice::<T>());
+        put(&layer.post_norm, dw)?;
+        drop(dh2);
+        // Attention: x2 = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))).
+        let d_o = masked(&dx, s.drop_o.as_deref());
+        let (dw, _) = linear_weight_grads(&d_o, &s.att, n, d.nh * d.hd, false);
+        put(&layer.o.weight, dw)?;
+        let mut datt = vec![T::zero(); n * d.nh * d.hd];
+        linear_input_grad(&mut datt, &d_o, w(O), n, false);
+        drop(d_o);
+        let (mut dq, mut dk, dv) = attention_backward(&datt, &s, &d);
+        drop(datt);
+        rotate(&mut dq, d.nh * d.hd, &d, cos, sin, true);
+        rotate(&mut dk, d.nkv * d.hd, &d, cos, sin, true);
+        let mut dh1 = vec![T::zero(); n * hs];
+        for (i, (dy, proj)) in [(&dq, &layer.q), (&dk, &layer.k), (&dv, &layer.v)]
+            .into_iter()
+            .enumerate()
+        {
+            let (dw, db) = linear_weight_grads(dy, &s.h1, n, hs, proj.bias.is_some());
+            put(&proj.weight, dw)?;
+            if let (Some(bias), Some(db)) = (&proj.bias, db) {
+                put(bias, db)?;
+            }
+            linear_input_grad(&mut dh1, dy, w(i), n, i > 0);
+        }
+        drop((dq, dk, dv));
+        let dw = rms_backward(&mut dx, &dh1, &s.x, &s.r1, lv.input_norm.slice::<T>());
+        put(&layer.input_norm, dw)?;
+    }
+    // The embedding rows of the batch's tokens, then the LM head (the same tensor when tied).
+    let vocab = model.config.vocab_size;
+    let mut d_embed = vec![T::zero(); vocab * hs];
+    for (row, &id) in dx.chunks_exact(hs).zip(&batch.ids) {
+        let id = id as usize;
+        for (e, &g) in d_embed[id * hs..(id + 1) * hs].iter_mut().zip(row) {
+            *e += g;
+        }
+    }
+    put(&model.embed, d_embed)?;
+    let d_head = d_head.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()?;
+    put(&model.lm_head.weight, d_head)?;
+    Ok(Gradients {
+        loss: loss_value,
+        grads,
+    })
+}
+
+/// Draw a dropout mask into `y` (in place) when training with dropout; returns the mask.
+fn apply_dropout<T: Real>(y: &mut [T], dropout: &mut Option<(f32, &mut Rng)>) -> Option<Vec<T>> {
+    let (p, rng) = dropout.as_mut()?;
+    if *p <= 0.0 {
+        return None;
+    }
+    let mask: Vec<T> = dropout_mask(y.len(), *p, rng)
+        .into_iter()
+        .map(|m| T::from_f64(f64::from(m)))
+        .collect();
+    for (v, &m) in y.iter_mut().zip(&mask) {
+        *v *= m;
+    }
+    Some(mask)
+}
+
+/// `g ⊙ mask` (or a copy of `g` without one).
+fn masked<T: Real>(g: &[T], mask: Option<&[T]>) -> Vec<T> {
+    match mask {
+        Some(m) => g.iter().zip(m).map(|(&g, &m)| g * m).collect(),
+        None => g.to_vec(),
+    }
+}
+
+fn sigmoid<T: Real>(v: T) -> T {
+    T::one() / (T::one() + (T::zero() - v).exp())
+}
+
+/// `silu(g) ⊙ u`.
+fn silu_mul<T: Real>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut a = vec![T::zero(); g.len()];
+    a.par_chunks_mut(1 << 14)
+        .zip(g.par_chunks(1 << 14).zip(u.par_chunks(1 << 14)))
+        .for_each(|(a, (g, u))| {
+            for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                *a = g / (T::one() + (T::zero() - g).exp()) * u;
+            }
+        });
+    a
+}
+
+/// Backward of [`silu_mul`]: `(dg, du)`.
+fn silu_mul_backward<T: Real>(da: &[T], g: &[T], u: &[T]) -> (Vec<T>, Vec<T>) {
+    let mut dg = vec![T::zero(); g.len()];
+    let mut du = vec![T::zero(); g.len()];
+    const C: usize = 1 << 14;
+    dg.par_chunks_mut(C)
+        .zip(du.par_chunks_mut(C))
+        .zip(da.par_chunks(C).zip(g.par_chunks(C)).zip(u.par_chunks(C)))
+        .for_each(|((dg, du), ((da, g), u))| {
+            for ((((dg, du), &da), &g), &u) in dg.iter_mut().zip(du).zip(da).zip(g).zip(u) {
+                let s = sigmoid(g);
+                *du = da * g * s;
+                *dg = da * u * s * (T::one() + g * (T::one() - s));
+            }
+        });
+    (dg, du)
+}
+
+/// Rotate every `hd`-wide head of each row of `x` (`[b·t, heads·hd]`, row `i` at position
+/// `i mod t`) by the rotary tables `[t, hd / 2]` (`rotate_half` convention); `inverse`
+/// rotates back, which is the backward.
+fn rotate<T: Real>(x: &mut [T], width: usize, d: &Dims, cos: &[T], sin: &[T], inverse: bool) {
+    let (hd, t) = (d.hd, d.t);
+    let half = hd / 2;
+    x.par_chunks_mut(width * ROW_CHUNK)
+        .enumerate()
+        .for_each(|(c, rows)| {
+            for (j, row) in rows.chunks_exact_mut(width).enumerate() {
+                let pos = (c * ROW_CHUNK + j) % t;
+                let (cos, sin) = (
+                    &cos[pos * half..(pos + 1) * half],
+                    &sin[pos * half..(pos + 1) * half],
+                );
+                for head in row.chunks_exact_mut(hd) {
+                    let (x1, x2) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (a, b) = (x1[i], x2[i]);
+                        let (c, s) = (cos[i], sin[i]);
+                        if inverse {
+                            x1[i] = a * c + b * s;
+                            x2[i] = b * c - a * s;
+                        } else {
+                            x1[i] = a * c - b * s;
+                            x2[i] = b * c + a * s;
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// Attention of every (sequence, query head): probabilities `[b, nh, t, t]` and the output
+/// `[b·t, nh·hd]`.
+fn attention_forward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    d: &Dims,
+    keys: &[bool],
+) -> (Vec<T>, Vec<T>) {
+    let (t, hd) = (d.t, d.hd);
+    let (qw, kw) = (d.nh * hd, d.nkv * hd);
+    let groups = d.nh / d.nkv;
+    let mut p = vec![T::zero(); d.b * d.nh * t * t];
+    let mut att = vec![T::zero(); d.n * qw];
+    p.par_chunks_mut(d.nh * t * t)
+        .zip(att.par_chunks_mut(t * qw))
+        .enumerate()
+        .for_each(|(bi, (p, att))| {
+            let q = &q[bi * t * qw..(bi + 1) * t * qw];
+            let (k, v) = (
+                &k[bi * t * kw..(bi + 1) * t * kw],
+                &v[bi * t * kw..(bi + 1) * t * kw],
+            );
+            let keys = &keys[bi * t..(bi + 1) * t];
+            for (h, p) in p.chunks_exact_mut(t * t).enumerate() {
+                let j = h / groups;
+                let qh = Mat {
+                    data: &q[h * hd..],
+                    rs: qw,
+                    cs: 1,
+                };
+                let kj = Mat {
+                    data: &k[j * hd..],
+                    rs: kw,
+                    cs: 1,
+                };
+                let vj = Mat {
+                    data: &v[j * hd..],
+                    rs: kw,
+                    cs: 1,
+                };
+                gemm(
+                    p,
+                    t,
+                    (t, t, hd),
+                    qh,
+                    kj.t(),
+                    T::from_f64(d.scale),
+                    false,
+                    false,
+                );
+                masked_softmax(p, t, keys, d.window);
+                gemm(
+                    &mut att[h * hd..],
+                    qw,
+                    (t, hd, t),
+                    rows(p, t),
+                    vj,
+                    T::one(),
+                    false,
+                    false,
+                );
+            }
+        });
+    (p, att)
+}
+
+/// Backward of [`attention_forward`] for `datt` `[b·t, nh·hd]`: the gradients of the
+/// rotated q, the rotated k and v.
+fn attention_backward<T: Real>(datt: &[T], s: &Saved<T>, d: &Dims) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (t, hd) = (d.t, d.hd);
+    let (qw, kw) = (d.nh * hd, d.nkv * hd);
+    let groups = d.nh / d.nkv;
+    let scale = T::from_f64(d.scale);
+    let mut dq = vec![T::zero(); d.n * qw];
+    let mut dk = vec![T::zero(); d.n * kw];
+    let mut dv = vec![T::zero(); d.n * kw];
+    dq.par_chunks_mut(t * qw)
+        .zip(dk.par_chunks_mut(t * kw).zip(dv.par_chunks_mut(t * kw)))
+        .enumerate()
+        .for_each(|(bi, (dq, (dk, dv)))| {
+            let q = &s.q[bi * t * qw..(bi + 1) * t * qw];
+            let datt = &datt[bi * t * qw..(bi + 1) * t * qw];
+            let (k, v) = (
+                &s.k[bi * t * kw..(bi + 1) * t * kw],
+                &s.v[bi * t * kw..(bi + 1) * t * kw],
+            );
+            let p_all = &s.p[bi * d.nh * t * t..(bi + 1) * d.nh * t * t];
+            let mut ds = vec![T::zero(); t * t];
+            for h in 0..d.nh {
+                let j = h / groups;
+                let p = &p_all[h * t * t..(h + 1) * t * t];
+                let doh = at(datt, h * hd, qw);
+                // dp = dO · vᵀ, then ds = p ⊙ (dp − Σ dp ⊙ p).
+                gemm(
+                    &mut ds,
+                    t,
+                    (t, t, hd),
+                    doh,
+                    at(v, j * hd, kw).t(),
+                    T::one(),
+                    false,
+                    false,
+                );
+                for (ds, p) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                    let mut dot = T::zero();
+                    for (&g, &p) in ds.iter().zip(p) {
+                        dot += g * p;
+                    }
+                    for (g, &p) in ds.iter_mut().zip(p) {
+                        *g = p * (*g - dot);
+                    }
+                }
+                gemm(
+                    &mut dq[h * hd..],
+                    qw,
+                    (t, hd, t),
+                    rows(&ds, t),
+                    at(k, j * hd, kw),
+                    scale,
+                    false,
+                    false,
+                );
+                gemm(
+                    &mut dk[j * hd..],
+                    kw,
+                    (t, hd, t),
+                    rows(&ds, t).t(),
+                    at(q, h * hd, qw),
+                    scale,
+                    true,
+                    false,
+                );
+                gemm(
+                    &mut dv[j * hd..],
+                    kw,
+                    (t, hd, t),
+                    rows(p, t).t(),
+                    doh,
+                    T::one(),
+                    true,
+                    false,
+                );
+            }
+        });
+    (dq, dk, dv)
+}
