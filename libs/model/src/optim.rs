@@ -113,6 +113,17 @@ impl AdamW {
 
     /// One update with learning rate `lr`; `grads[i]` belongs to `self.vars[i]`.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`Self::step`] on the gradients times `grad_scale` (gradient clipping folded into
+    /// the update's single pass).
+    pub fn step_scaled(
+        &mut self,
+        grads: &[Option<Tensor>],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         if grads.len() != self.vars.len() {
             return Err(ModelError::input(
                 "grads",
@@ -126,11 +137,14 @@ impl AdamW {
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = &grads[i] else { continue };
             if var.dtype() == DType::F32 && var.device().is_cpu() {
-                let (m, v) = self.fused_cpu(var, g, lr, bc1, bc2, i)?;
+                let (m, v) = self.fused_cpu(var, g, lr, grad_scale, (bc1, bc2), i)?;
                 (self.m[i], self.v[i]) = (m, v);
                 continue;
             }
-            let g = g.to_dtype(DType::F32)?;
+            let mut g = g.to_dtype(DType::F32)?;
+            if grad_scale != 1.0 {
+                g = (g * grad_scale)?;
+            }
             self.m[i] = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             self.v[i] = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let m_hat = (&self.m[i] / bc1)?;
@@ -158,22 +172,25 @@ impl AdamW {
         var: &Var,
         g: &Tensor,
         lr: f64,
-        bc1: f64,
-        bc2: f64,
+        grad_scale: f64,
+        (bc1, bc2): (f64, f64),
         i: usize,
     ) -> Result<(Tensor, Tensor)> {
         use rayon::prelude::*;
         let c = &self.config;
         let shape = var.shape().clone();
-        let flat = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-        };
-        let (g, mut m, mut v, mut p) = (
-            flat(g)?,
-            flat(&self.m[i])?,
-            flat(&self.v[i])?,
-            flat(var.as_tensor())?,
+        let g = g.to_dtype(DType::F32)?;
+        // The borrowed inputs (read locks) end with this block, before `var.set` writes.
+        let (gv, mv, vv, pv) = (
+            F32View::of(&g)?,
+            F32View::of(&self.m[i])?,
+            F32View::of(&self.v[i])?,
+            F32View::of(var.as_tensor())?,
         );
+        let (g, m0, v0, p0) = (gv.slice(), mv.slice(), vv.slice(), pv.slice());
+        let len = p0.len();
+        let (mut m, mut v, mut p) = (vec![0f32; len], vec![0f32; len], vec![0f32; len]);
+        let gs = grad_scale as f32;
         let decay = if c.weight_decay > 0.0 && shape.rank() >= 2 {
             (1.0 - lr * c.weight_decay) as f32
         } else {
@@ -187,14 +204,21 @@ impl AdamW {
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
             .zip(g.par_chunks(CHUNK))
-            .for_each(|(((p, m), v), g)| {
+            .zip(
+                p0.par_chunks(CHUNK)
+                    .zip(m0.par_chunks(CHUNK))
+                    .zip(v0.par_chunks(CHUNK)),
+            )
+            .for_each(|((((p, m), v), g), ((p0, m0), v0))| {
                 for j in 0..p.len() {
-                    m[j] = m[j] * b1 + g[j] * nb1;
-                    v[j] = v[j] * b2 + (g[j] * g[j]) * nb2;
+                    let g = if gs == 1.0 { g[j] } else { g[j] * gs };
+                    m[j] = m0[j] * b1 + g * nb1;
+                    v[j] = v0[j] * b2 + (g * g) * nb2;
                     let update = (m[j] / bc1) / ((v[j] / bc2).sqrt() + eps);
-                    p[j] = p[j] * decay - update * lr;
+                    p[j] = p0[j] * decay - update * lr;
                 }
             });
+        drop((gv, mv, vv, pv));
         let dev = var.device();
         var.set(&Tensor::from_vec(p, shape.clone(), dev)?)?;
         Ok((
@@ -204,17 +228,72 @@ impl AdamW {
     }
 }
 
-/// Global L2 norm of `grads`; when it exceeds `max_norm`, scale them all down to it.
-pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+/// A contiguous f32 CPU tensor's data, borrowed.
+struct F32View<'a> {
+    guard: candle_core::StorageRef<'a>,
+    range: std::ops::Range<usize>,
+}
+
+impl<'a> F32View<'a> {
+    fn of(t: &'a Tensor) -> Result<Self> {
+        let (guard, layout) = t.storage_and_layout();
+        match (&*guard, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_)), Some((a, b))) => {
+                Ok(Self { guard, range: a..b })
+            }
+            _ => Err(ModelError::input(
+                "grads",
+                "expected contiguous f32 CPU tensors",
+            )),
+        }
+    }
+
+    fn slice(&self) -> &[f32] {
+        match &*self.guard {
+            candle_core::Storage::Cpu(c) => {
+                &c.as_slice::<f32>().expect("checked in of")[self.range.clone()]
+            }
+            _ => unreachable!("checked in of"),
+        }
+    }
+}
+
+/// Global L2 norm of `grads` (summed in f64).
+pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
+    use rayon::prelude::*;
     let mut sq = 0.0f64;
     for g in grads.iter().flatten() {
-        sq += g
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        sq += match F32View::of(g) {
+            // In fixed chunks summed in order, so the norm does not depend on scheduling.
+            Ok(view) => view
+                .slice()
+                .par_chunks(1 << 16)
+                .map(|c| c.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>())
+                .collect::<Vec<f64>>()
+                .into_iter()
+                .sum::<f64>(),
+            Err(_) => g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?,
+        };
     }
-    let norm = sq.sqrt();
+    Ok(sq.sqrt())
+}
+
+/// The factor that brings a gradient of norm `norm` down to `max_norm` (1 when within it).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
+    if norm > max_norm && norm > 0.0 {
+        max_norm / norm
+    } else {
+        1.0
+    }
+}
+
+/// Global L2 norm of `grads`; when it exceeds `max_norm`, scale them all down to it.
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads)?;
     if norm > max_norm && norm > 0.0 {
         let scale = max_norm / norm;
         for g in grads.iter_mut().flatten() {

@@ -17,7 +17,7 @@ use crate::backprop;
 use crate::error::{ModelError, Result};
 use crate::loss;
 use crate::model::Model;
-use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
+use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_scale, grad_norm};
 use crate::rng::Rng;
 use crate::weights::{read_safetensors, write_safetensors};
 
@@ -162,12 +162,13 @@ impl Trainer {
                 }
             }
         }
-        let grad_norm = match self.config.max_grad_norm {
-            Some(max) => clip_grad_norm(&mut grads, max)?,
-            None => clip_grad_norm(&mut grads, f64::INFINITY)?,
-        };
+        let grad_norm = grad_norm(&grads)?;
+        let scale = clip_scale(
+            grad_norm,
+            self.config.max_grad_norm.unwrap_or(f64::INFINITY),
+        );
         let lr = self.config.schedule.lr(self.step);
-        self.optimizer.step(&grads, lr)?;
+        self.optimizer.step_scaled(&grads, lr, scale)?;
         self.step += 1;
         Ok(StepStats {
             loss: loss_sum,
