@@ -18,6 +18,9 @@
 //! - softmax: `ds = p ⊙ (dp − Σⱼ dp ⊙ p)`;
 //! - `a = silu(g) · u`: `du = da · silu(g)`, `dg = da · u · σ(g) · (1 + g · (1 − σ(g)))`.
 //!
+//! The LM head and the loss ([`head_loss`]) multiply out only the positions whose target
+//! counts, a vocabulary chunk at a time, with one `exp` per logit.
+//!
 //! The results equal the autograd path's (`Model::forward_train` + `causal_lm_loss`) up to
 //! summation order, masks included: causal, sliding window, key padding (a query that sees no
 //! key attends uniformly, as the additive `-1e9` mask makes it), and seeded dropout drawn in
@@ -199,7 +202,7 @@ struct Mat<'a, T> {
 }
 
 /// Row-major `[_, cols]`.
-fn rows<T>(data: &[T], cols: usize) -> Mat<'_, T> {
+fn rows_of<T>(data: &[T], cols: usize) -> Mat<'_, T> {
     Mat {
         data,
         rs: cols,
@@ -315,8 +318,8 @@ fn linear<T: Real>(x: &[T], w: &[T], bias: Option<&[T]>, n: usize, inn: usize) -
         &mut y,
         out,
         (n, out, inn),
-        rows(x, inn),
-        rows(w, inn).t(),
+        rows_of(x, inn),
+        rows_of(w, inn).t(),
         T::one(),
         false,
         true,
@@ -347,8 +350,8 @@ fn linear_weight_grads<T: Real>(
         &mut dw,
         inn,
         (out, inn, n),
-        rows(dy, out).t(),
-        rows(x, inn),
+        rows_of(dy, out).t(),
+        rows_of(x, inn),
         T::one(),
         false,
         true,
@@ -371,8 +374,8 @@ fn linear_input_grad<T: Real>(dx: &mut [T], dy: &[T], w: &[T], n: usize, accumul
         dx,
         inn,
         (n, inn, out),
-        rows(dy, out),
-        rows(w, inn),
+        rows_of(dy, out),
+        rows_of(w, inn),
         T::one(),
         accumulate,
         true,
@@ -627,16 +630,15 @@ fn run<T: Real>(
     }
     let norm_v = View::of(&model.norm)?;
     let (hf, rf) = rms_forward(&x, norm_v.slice::<T>(), cfg.rms_norm_eps);
-    let hidden = Tensor::from_vec(hf, (b, t, hs), &Device::Cpu)?;
-    let (loss_value, d_hidden, d_head) = loss::lm_head_loss_grads(
-        &hidden,
-        &model.lm_head.weight.detach(),
-        input_ids,
-        label_mask,
-        normalizer,
-    )?;
-    drop(hidden);
-    let d_hf = d_hidden.flatten_all()?.to_vec1::<T>()?;
+    let count = loss::checked_count(b, t, input_ids, label_mask, normalizer)?;
+    let labels = label_mask
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let head_v = View::of(&model.lm_head.weight)?;
+    let (loss_value, d_hf, d_head) =
+        head_loss(&hf, head_v.slice::<T>(), &batch.ids, &labels, count, &d);
+    drop((hf, head_v));
 
     let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
     let mut put = |t: &Tensor, g: Vec<T>| -> Result<()> {
@@ -712,7 +714,6 @@ fn run<T: Real>(
         }
     }
     put(&model.embed, d_embed)?;
-    let d_head = d_head.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()?;
     put(&model.lm_head.weight, d_head)?;
     Ok(Gradients {
         loss: loss_value,
@@ -868,7 +869,7 @@ fn attention_forward<T: Real>(
                     &mut att[h * hd..],
                     qw,
                     (t, hd, t),
-                    rows(p, t),
+                    rows_of(p, t),
                     vj,
                     T::one(),
                     false,
@@ -929,7 +930,7 @@ fn attention_backward<T: Real>(datt: &[T], s: &Saved<T>, d: &Dims) -> (Vec<T>, V
                     &mut dq[h * hd..],
                     qw,
                     (t, hd, t),
-                    rows(&ds, t),
+                    rows_of(&ds, t),
                     at(k, j * hd, kw),
                     scale,
                     false,
@@ -939,7 +940,7 @@ fn attention_backward<T: Real>(datt: &[T], s: &Saved<T>, d: &Dims) -> (Vec<T>, V
                     &mut dk[j * hd..],
                     kw,
                     (t, hd, t),
-                    rows(&ds, t).t(),
+                    rows_of(&ds, t).t(),
                     at(q, h * hd, qw),
                     scale,
                     true,
@@ -949,7 +950,7 @@ fn attention_backward<T: Real>(datt: &[T], s: &Saved<T>, d: &Dims) -> (Vec<T>, V
                     &mut dv[j * hd..],
                     kw,
                     (t, hd, t),
-                    rows(p, t).t(),
+                    rows_of(p, t).t(),
                     doh,
                     T::one(),
                     true,
@@ -958,4 +959,143 @@ fn attention_backward<T: Real>(datt: &[T], s: &Saved<T>, d: &Dims) -> (Vec<T>, V
             }
         });
     (dq, dk, dv)
+}
+
+/// The LM head and the masked next-token cross-entropy over the final hidden states `hf`
+/// (`[b·t, hidden]`) and their gradients: `(loss, d_hf, d_weight)`, as
+/// `loss::lm_head_loss_grads` computes them. Only positions whose target counts
+/// (`labels[i + 1] ≠ 0`) are multiplied out. Per vocabulary chunk the logits are turned into
+/// `exp(x − chunk max)` in place while the log-sum-exp is gathered, then scaled to
+/// `dlogits = softmax · w − one-hot · w` (`w` = label / `count`), which both products read.
+fn head_loss<T: Real>(
+    hf: &[T],
+    weight: &[T],
+    ids: &[u32],
+    labels: &[f64],
+    count: f64,
+    d: &Dims,
+) -> (f64, Vec<T>, Vec<T>) {
+    let hs = d.hidden;
+    let vocab = weight.len() / hs;
+    // (row of hf, target, weight) of every counted position.
+    let rows: Vec<(usize, usize, T)> = (0..d.b)
+        .flat_map(|bi| (0..d.t - 1).map(move |i| bi * d.t + i))
+        .filter(|&r| labels[r + 1] != 0.0)
+        .map(|r| (r, ids[r + 1] as usize, T::from_f64(labels[r + 1] / count)))
+        .collect();
+    let na = rows.len();
+    let mut h = vec![T::zero(); na * hs];
+    for (dst, &(r, _, _)) in h.chunks_exact_mut(hs).zip(&rows) {
+        dst.copy_from_slice(&hf[r * hs..(r + 1) * hs]);
+    }
+    let starts: Vec<usize> = (0..vocab).step_by(loss::VOCAB_CHUNK).collect();
+    let width = |c0: usize| loss::VOCAB_CHUNK.min(vocab - c0);
+    // exp(logit − row max) per chunk, with each row's max and sum.
+    let mut chunks: Vec<(Vec<T>, Vec<T>, Vec<T>)> = Vec::with_capacity(starts.len());
+    for &c0 in &starts {
+        let c = width(c0);
+        let mut e = vec![T::zero(); na * c];
+        gemm(
+            &mut e,
+            c,
+            (na, c, hs),
+            rows_of(&h, hs),
+            rows_of(&weight[c0 * hs..(c0 + c) * hs], hs).t(),
+            T::one(),
+            false,
+            true,
+        );
+        let mut max = vec![T::zero(); na];
+        let mut sum = vec![T::zero(); na];
+        e.par_chunks_mut(c * ROW_CHUNK)
+            .zip(
+                max.par_chunks_mut(ROW_CHUNK)
+                    .zip(sum.par_chunks_mut(ROW_CHUNK)),
+            )
+            .for_each(|(e, (max, sum))| {
+                for ((row, m), s) in e.chunks_exact_mut(c).zip(max).zip(sum) {
+                    *m = row
+                        .iter()
+                        .copied()
+                        .fold(row[0], |a, v| if v > a { v } else { a });
+                    let mut acc = T::zero();
+                    for v in row.iter_mut() {
+                        *v = (*v - *m).exp();
+                        acc += *v;
+                    }
+                    *s = acc;
+                }
+            });
+        chunks.push((e, max, sum));
+    }
+    // Each row's log-sum-exp over the chunks, and the loss.
+    let lse: Vec<T> = (0..na)
+        .map(|r| {
+            let m = chunks
+                .iter()
+                .map(|(_, max, _)| max[r])
+                .fold(chunks[0].1[r], |a, v| if v > a { v } else { a });
+            let mut s = T::zero();
+            for (_, max, sum) in &chunks {
+                s += sum[r] * (max[r] - m).exp();
+            }
+            T::from_f64(m.to_f64() + s.to_f64().ln())
+        })
+        .collect();
+    let mut loss_value = 0.0;
+    for (i, &(_, target, w)) in rows.iter().enumerate() {
+        let mut logit = T::zero();
+        for (&a, &b) in h[i * hs..(i + 1) * hs]
+            .iter()
+            .zip(&weight[target * hs..(target + 1) * hs])
+        {
+            logit += a * b;
+        }
+        loss_value += (w * (lse[i] - logit)).to_f64();
+    }
+    let mut dh = vec![T::zero(); na * hs];
+    let mut d_weight = vec![T::zero(); vocab * hs];
+    for (&c0, (mut e, max, _)) in starts.iter().zip(chunks) {
+        let c = width(c0);
+        e.par_chunks_mut(c * ROW_CHUNK)
+            .enumerate()
+            .for_each(|(k, e)| {
+                for (j, row) in e.chunks_exact_mut(c).enumerate() {
+                    let r = k * ROW_CHUNK + j;
+                    let (_, target, w) = rows[r];
+                    let f = (max[r] - lse[r]).exp() * w;
+                    for v in row.iter_mut() {
+                        *v *= f;
+                    }
+                    if (c0..c0 + c).contains(&target) {
+                        row[target - c0] -= w;
+                    }
+                }
+            });
+        gemm(
+            &mut dh,
+            hs,
+            (na, hs, c),
+            rows_of(&e, c),
+            rows_of(&weight[c0 * hs..(c0 + c) * hs], hs),
+            T::one(),
+            true,
+            true,
+        );
+        gemm(
+            &mut d_weight[c0 * hs..(c0 + c) * hs],
+            hs,
+            (c, hs, na),
+            rows_of(&e, c).t(),
+            rows_of(&h, hs),
+            T::one(),
+            false,
+            true,
+        );
+    }
+    let mut d_hf = vec![T::zero(); hf.len()];
+    for (src, &(r, _, _)) in dh.chunks_exact(hs).zip(&rows) {
+        d_hf[r * hs..(r + 1) * hs].copy_from_slice(src);
+    }
+    (loss_value, d_hf, d_weight)
 }

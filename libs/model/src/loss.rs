@@ -23,7 +23,7 @@ pub fn target_count(label_mask: &Tensor) -> Result<f64> {
 
 /// The targets' normaliser (`normalizer`, or this batch's unmasked count), after checking
 /// that `input_ids` and `label_mask` are `[b, t]` and some target counts.
-fn checked_count(
+pub(crate) fn checked_count(
     b: usize,
     t: usize,
     input_ids: &Tensor,
@@ -76,7 +76,7 @@ pub fn causal_lm_loss(
 /// Vocabulary rows per chunk of [`lm_head_loss`]: a `[positions, chunk]` block of logits for
 /// 2,040 positions is 16 MB, under glibc's largest mmap threshold, so the blocks come from
 /// (and go back to) the heap instead of fresh zeroed pages every step.
-const VOCAB_CHUNK: usize = 2048;
+pub(crate) const VOCAB_CHUNK: usize = 2048;
 
 /// The loss of [`causal_lm_loss`] over `logits = hidden · weightᵀ`, without the autograd
 /// path's full-size `[b, t, vocab]` tensors (logits, their narrowed copy, log-probabilities,
