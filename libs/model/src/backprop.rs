@@ -63,25 +63,31 @@ impl Real for f64 {
     }
 }
 
-/// Whether `model` trains on this path: CPU f32/f64 weights, all present and contiguous,
-/// no LoRA adapters, q8_0 weights or LM-head bias.
+/// Whether `model` trains on this path: CPU f32/f64 weights, all of the model's dtype,
+/// present and contiguous; no LoRA adapters, q8_0 weights or LM-head bias.
 pub fn supported(model: &Model) -> bool {
+    let dtype = model.dtype();
+    let fits = |t: &Tensor| t.dtype() == dtype && t.is_contiguous();
     let plain = |p: &Proj| {
         p.lora.is_none()
             && p.quantized.is_none()
             && p.weight.dims().first().is_some_and(|&d| d > 0)
-            && p.weight.is_contiguous()
-            && p.bias.as_ref().is_none_or(Tensor::is_contiguous)
+            && fits(&p.weight)
+            && p.bias.as_ref().is_none_or(fits)
     };
     matches!(model.device(), Device::Cpu)
-        && matches!(model.dtype(), DType::F32 | DType::F64)
-        && model.embed.is_contiguous()
+        && matches!(dtype, DType::F32 | DType::F64)
+        && [&model.embed, &model.norm, &model.cos, &model.sin]
+            .into_iter()
+            .all(fits)
         && model.lm_head.bias.is_none()
         && plain(&model.lm_head)
         && model.layers.iter().all(|l| {
-            [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
-                .into_iter()
-                .all(plain)
+            fits(&l.input_norm)
+                && fits(&l.post_norm)
+                && [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .into_iter()
+                    .all(plain)
         })
 }
 

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Tensor, Var};
+use candle_core::{Tensor, TensorId, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::backprop;
@@ -109,7 +109,7 @@ impl Trainer {
         for mb in micro_batches {
             // Always in training mode, even at dropout 0: LoRA adapters have their own dropout.
             let train = Some((self.config.dropout, &mut self.rng));
-            if hand_written {
+            let (value, found) = if hand_written {
                 let g = backprop::loss_and_grads(
                     &self.model,
                     &mb.input_ids,
@@ -118,43 +118,13 @@ impl Trainer {
                     Some(total),
                     train,
                 )?;
-                loss_sum += g.loss;
-                for (i, (_, var)) in self.optimizer.vars.iter().enumerate() {
-                    if let Some(g) = g.grads.get(&var.as_tensor().id()) {
-                        grads[i] = Some(match grads[i].take() {
-                            Some(acc) => (acc + g)?,
-                            None => g.clone(),
-                        });
-                    }
-                }
-                continue;
-            }
-            let head = &self.model.lm_head;
-            let (value, objective) = if head.lora.is_none() && head.bias.is_none() {
-                // The LM head and loss without materialising the logits (see lm_head_loss).
-                let hidden = self.model.forward_train_hidden(
-                    &mb.input_ids,
-                    Some(&mb.attention_mask),
-                    train,
-                )?;
-                loss::lm_head_loss(
-                    &hidden,
-                    &head.weight,
-                    &mb.input_ids,
-                    &mb.label_mask,
-                    Some(total),
-                )?
+                (g.loss, g.grads)
             } else {
-                let logits =
-                    self.model
-                        .forward_train(&mb.input_ids, Some(&mb.attention_mask), train)?;
-                let l = loss::causal_lm_loss(&logits, &mb.input_ids, &mb.label_mask, Some(total))?;
-                (l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?, l)
+                autograd_loss_and_grads(&self.model, &self.optimizer.vars, mb, total, train)?
             };
             loss_sum += value;
-            let store = objective.backward()?;
             for (i, (_, var)) in self.optimizer.vars.iter().enumerate() {
-                if let Some(g) = store.get(var.as_tensor()) {
+                if let Some(g) = found.get(&var.as_tensor().id()) {
                     grads[i] = Some(match grads[i].take() {
                         Some(acc) => (acc + g)?,
                         None => g.clone(),
@@ -242,4 +212,37 @@ impl Trainer {
         self.optimizer.config = self.config.adamw.clone();
         Ok(())
     }
+}
+
+/// One micro-batch's loss and the trainable vars' gradients (by tensor id) through
+/// candle's autograd.
+fn autograd_loss_and_grads(
+    model: &Model,
+    vars: &[(String, Var)],
+    mb: &Batch,
+    total: f64,
+    train: Option<(f32, &mut Rng)>,
+) -> Result<(f64, HashMap<TensorId, Tensor>)> {
+    let head = &model.lm_head;
+    let (value, objective) = if head.lora.is_none() && head.bias.is_none() {
+        // The LM head and loss without materialising the logits (see lm_head_loss).
+        let hidden = model.forward_train_hidden(&mb.input_ids, Some(&mb.attention_mask), train)?;
+        loss::lm_head_loss(
+            &hidden,
+            &head.weight,
+            &mb.input_ids,
+            &mb.label_mask,
+            Some(total),
+        )?
+    } else {
+        let logits = model.forward_train(&mb.input_ids, Some(&mb.attention_mask), train)?;
+        let l = loss::causal_lm_loss(&logits, &mb.input_ids, &mb.label_mask, Some(total))?;
+        (l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?, l)
+    };
+    let store = objective.backward()?;
+    let found = vars
+        .iter()
+        .filter_map(|(_, v)| Some((v.as_tensor().id(), store.get(v.as_tensor())?.clone())))
+        .collect();
+    Ok((value, found))
 }
