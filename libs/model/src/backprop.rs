@@ -237,14 +237,70 @@ impl<T> Mat<'_, T> {
 
 /// `dst[m, n]` (row stride `dst_rs`) `= scale · a[m, k] · b[k, n]`, or `+=` when
 /// `accumulate`. `threads`: run on the rayon pool, else on this thread.
-#[allow(unsafe_code)]
 #[allow(clippy::too_many_arguments)]
 fn gemm<T: Real>(
     dst: &mut [T],
     dst_rs: usize,
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     a: Mat<'_, T>,
     b: Mat<'_, T>,
+    scale: T,
+    accumulate: bool,
+    threads: bool,
+) {
+    let len = dst.len();
+    gemm_raw(
+        dst.as_mut_ptr(),
+        len,
+        dst_rs,
+        dims,
+        (a, b),
+        scale,
+        accumulate,
+        threads,
+    );
+}
+
+/// `a[m, k] · b[k, n]` into a new `[m, n]` buffer, written once (never zeroed first).
+fn product<T: Real>(dims: (usize, usize, usize), a: Mat<'_, T>, b: Mat<'_, T>) -> Vec<T> {
+    let (m, n, _) = dims;
+    let mut out: Vec<T> = Vec::with_capacity(m * n);
+    let spare = out.spare_capacity_mut();
+    let len = spare.len();
+    gemm_raw(
+        spare.as_mut_ptr().cast::<T>(),
+        len,
+        n,
+        dims,
+        (a, b),
+        T::one(),
+        false,
+        true,
+    );
+    set_written_len(&mut out, m * n);
+    out
+}
+
+/// `out.set_len(len)` after [`gemm_raw`] wrote its first `len` elements.
+#[allow(unsafe_code)]
+fn set_written_len<T>(out: &mut Vec<T>, len: usize) {
+    assert!(len <= out.capacity());
+    // SAFETY: the caller's `gemm_raw` (without `accumulate`) wrote every element of the
+    // `[m, n]` block with row stride `n`, i.e. the first `len = m·n` elements.
+    unsafe { out.set_len(len) };
+}
+
+/// [`gemm`] on a raw destination of `dst_len` elements (possibly not yet initialised when
+/// `accumulate` is false: every element of the `[m, n]` block is written, zeros when `k` is
+/// 0).
+#[allow(unsafe_code)]
+#[allow(clippy::too_many_arguments)]
+fn gemm_raw<T: Real>(
+    dst: *mut T,
+    dst_len: usize,
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    (a, b): (Mat<'_, T>, Mat<'_, T>),
     scale: T,
     accumulate: bool,
     threads: bool,
@@ -253,25 +309,34 @@ fn gemm<T: Real>(
         return;
     }
     let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
-    assert!(last(dst_rs, 1, m, n) < dst.len(), "gemm: dst too small");
-    if k > 0 {
-        assert!(last(a.rs, a.cs, m, k) < a.data.len(), "gemm: lhs too small");
-        assert!(last(b.rs, b.cs, k, n) < b.data.len(), "gemm: rhs too small");
+    assert!(last(dst_rs, 1, m, n) < dst_len, "gemm: dst too small");
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    // SAFETY: `i·dst_rs + j ≤ last(...) < dst_len`, asserted above.
+                    unsafe { dst.add(i * dst_rs + j).write(T::zero()) };
+                }
+            }
+        }
+        return;
     }
+    assert!(last(a.rs, a.cs, m, k) < a.data.len(), "gemm: lhs too small");
+    assert!(last(b.rs, b.cs, k, n) < b.data.len(), "gemm: rhs too small");
     let parallelism = if threads {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
     };
     // SAFETY: every index gemm touches, `(i, j) ↦ i·rs + j·cs` over the checked extents,
-    // lies inside the slices asserted above; `dst` is borrowed mutably, so no other view
-    // aliases it.
+    // lies inside the buffers asserted above; `dst` comes from a mutable borrow, so no other
+    // view aliases it, and without `accumulate` gemm only writes it.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             dst_rs as isize,
             accumulate,
@@ -319,17 +384,7 @@ fn row_sums<T: Real>(n: usize, width: usize, f: impl Fn(usize, &mut [T]) + Sync 
 /// `x [n, in] · wᵀ (+ bias)` → `[n, out]`.
 fn linear<T: Real>(x: &[T], w: &[T], bias: Option<&[T]>, n: usize, inn: usize) -> Vec<T> {
     let out = w.len() / inn;
-    let mut y = vec![T::zero(); n * out];
-    gemm(
-        &mut y,
-        out,
-        (n, out, inn),
-        rows_of(x, inn),
-        rows_of(w, inn).t(),
-        T::one(),
-        false,
-        true,
-    );
+    let mut y = product((n, out, inn), rows_of(x, inn), rows_of(w, inn).t());
     if let Some(b) = bias {
         y.par_chunks_mut(out * ROW_CHUNK).for_each(|c| {
             for row in c.chunks_exact_mut(out) {
@@ -351,17 +406,7 @@ fn linear_weight_grads<T: Real>(
     with_bias: bool,
 ) -> (Vec<T>, Option<Vec<T>>) {
     let out = dy.len() / n;
-    let mut dw = vec![T::zero(); out * inn];
-    gemm(
-        &mut dw,
-        inn,
-        (out, inn, n),
-        rows_of(dy, out).t(),
-        rows_of(x, inn),
-        T::one(),
-        false,
-        true,
-    );
+    let dw = product((out, inn, n), rows_of(dy, out).t(), rows_of(x, inn));
     let db = with_bias.then(|| {
         row_sums(n, out, |i, acc: &mut [T]| {
             for (a, &v) in acc.iter_mut().zip(&dy[i * out..(i + 1) * out]) {
@@ -372,8 +417,15 @@ fn linear_weight_grads<T: Real>(
     (dw, db)
 }
 
-/// `dx (+)= dy [n, out] · w [out, in]`.
-fn linear_input_grad<T: Real>(dx: &mut [T], dy: &[T], w: &[T], n: usize, accumulate: bool) {
+/// `dy [n, out] · w [out, in]`.
+fn linear_input_grad<T: Real>(dy: &[T], w: &[T], n: usize) -> Vec<T> {
+    let out = dy.len() / n;
+    let inn = w.len() / out;
+    product((n, inn, out), rows_of(dy, out), rows_of(w, inn))
+}
+
+/// `dx += dy [n, out] · w [out, in]`.
+fn add_linear_input_grad<T: Real>(dx: &mut [T], dy: &[T], w: &[T], n: usize) {
     let inn = dx.len() / n;
     let out = w.len() / inn;
     gemm(
@@ -383,7 +435,7 @@ fn linear_input_grad<T: Real>(dx: &mut [T], dy: &[T], w: &[T], n: usize, accumul
         rows_of(dy, out),
         rows_of(w, inn),
         T::one(),
-        accumulate,
+        true,
         true,
     );
 }
@@ -667,8 +719,7 @@ fn run<T: Real>(
         let dm = masked(&dx, s.drop_m.as_deref());
         let (dw, _) = linear_weight_grads(&dm, &s.a, n, d.inter, false);
         put(&layer.down.weight, dw)?;
-        let mut da = vec![T::zero(); n * d.inter];
-        linear_input_grad(&mut da, &dm, w(DOWN), n, false);
+        let da = linear_input_grad(&dm, w(DOWN), n);
         drop(dm);
         let (dg, du) = silu_mul_backward(&da, &s.g, &s.u);
         drop(da);
@@ -676,9 +727,8 @@ fn run<T: Real>(
         put(&layer.gate.weight, dw)?;
         let (dw, _) = linear_weight_grads(&du, &s.h2, n, hs, false);
         put(&layer.up.weight, dw)?;
-        let mut dh2 = vec![T::zero(); n * hs];
-        linear_input_grad(&mut dh2, &dg, w(GATE), n, false);
-        linear_input_grad(&mut dh2, &du, w(UP), n, true);
+        let mut dh2 = linear_input_grad(&dg, w(GATE), n);
+        add_linear_input_grad(&mut dh2, &du, w(UP), n);
         drop((dg, du));
         let dw = rms_backward(&mut dx, &dh2, &s.x2, &s.r2, lv.post_norm.slice::<T>());
         put(&layer.post_norm, dw)?;
@@ -687,24 +737,21 @@ fn run<T: Real>(
         let d_o = masked(&dx, s.drop_o.as_deref());
         let (dw, _) = linear_weight_grads(&d_o, &s.att, n, d.nh * d.hd, false);
         put(&layer.o.weight, dw)?;
-        let mut datt = vec![T::zero(); n * d.nh * d.hd];
-        linear_input_grad(&mut datt, &d_o, w(O), n, false);
+        let datt = linear_input_grad(&d_o, w(O), n);
         drop(d_o);
         let (mut dq, mut dk, dv) = attention_backward(&datt, &s, &d);
         drop(datt);
         rotate(&mut dq, d.nh * d.hd, &d, cos, sin, true);
         rotate(&mut dk, d.nkv * d.hd, &d, cos, sin, true);
-        let mut dh1 = vec![T::zero(); n * hs];
-        for (i, (dy, proj)) in [(&dq, &layer.q), (&dk, &layer.k), (&dv, &layer.v)]
-            .into_iter()
-            .enumerate()
-        {
+        let mut dh1 = linear_input_grad(&dq, w(Q), n);
+        add_linear_input_grad(&mut dh1, &dk, w(K), n);
+        add_linear_input_grad(&mut dh1, &dv, w(V), n);
+        for (dy, proj) in [(&dq, &layer.q), (&dk, &layer.k), (&dv, &layer.v)] {
             let (dw, db) = linear_weight_grads(dy, &s.h1, n, hs, proj.bias.is_some());
             put(&proj.weight, dw)?;
             if let (Some(bias), Some(db)) = (&proj.bias, db) {
                 put(bias, db)?;
             }
-            linear_input_grad(&mut dh1, dy, w(i), n, i > 0);
         }
         drop((dq, dk, dv));
         let dw = rms_backward(&mut dx, &dh1, &s.x, &s.r1, lv.input_norm.slice::<T>());
@@ -1000,16 +1047,10 @@ fn head_loss<T: Real>(
     let mut chunks: Vec<(Vec<T>, Vec<T>, Vec<T>)> = Vec::with_capacity(starts.len());
     for &c0 in &starts {
         let c = width(c0);
-        let mut e = vec![T::zero(); na * c];
-        gemm(
-            &mut e,
-            c,
+        let mut e = product(
             (na, c, hs),
             rows_of(&h, hs),
             rows_of(&weight[c0 * hs..(c0 + c) * hs], hs).t(),
-            T::one(),
-            false,
-            true,
         );
         let mut max = vec![T::zero(); na];
         let mut sum = vec![T::zero(); na];
@@ -1060,7 +1101,8 @@ fn head_loss<T: Real>(
         loss_value += (w * (lse[i] - logit)).to_f64();
     }
     let mut dh = vec![T::zero(); na * hs];
-    let mut d_weight = vec![T::zero(); vocab * hs];
+    // Written chunk by chunk below (every row of the vocabulary once).
+    let mut d_weight: Vec<T> = Vec::with_capacity(vocab * hs);
     for (&c0, (mut e, max, _)) in starts.iter().zip(chunks) {
         let c = width(c0);
         e.par_chunks_mut(c * ROW_CHUNK)
@@ -1088,16 +1130,19 @@ fn head_loss<T: Real>(
             true,
             true,
         );
-        gemm(
-            &mut d_weight[c0 * hs..(c0 + c) * hs],
+        let spare = &mut d_weight.spare_capacity_mut()[..c * hs];
+        let len = spare.len();
+        gemm_raw(
+            spare.as_mut_ptr().cast::<T>(),
+            len,
             hs,
             (c, hs, na),
-            rows_of(&e, c).t(),
-            rows_of(&h, hs),
+            (rows_of(&e, c).t(), rows_of(&h, hs)),
             T::one(),
             false,
             true,
         );
+        set_written_len(&mut d_weight, (c0 + c) * hs);
     }
     let mut d_hf = vec![T::zero(); hf.len()];
     for (src, &(r, _, _)) in dh.chunks_exact(hs).zip(&rows) {
