@@ -626,6 +626,12 @@ fn run<T: Real>(
         scale: 1.0 / (cfg.head_dim as f64).sqrt(),
     };
     let (n, hs) = (d.n, d.hidden);
+    // The labels are checked before any work.
+    let count = loss::checked_count(b, t, input_ids, label_mask, normalizer)?;
+    let labels = label_mask
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
     let cos_v = View::of(&model.cos)?;
     let sin_v = View::of(&model.sin)?;
     let (cos, sin) = (
@@ -688,11 +694,6 @@ fn run<T: Real>(
     }
     let norm_v = View::of(&model.norm)?;
     let (hf, rf) = rms_forward(&x, norm_v.slice::<T>(), cfg.rms_norm_eps);
-    let count = loss::checked_count(b, t, input_ids, label_mask, normalizer)?;
-    let labels = label_mask
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?;
     let head_v = View::of(&model.lm_head.weight)?;
     let (loss_value, d_hf, d_head) =
         head_loss(&hf, head_v.slice::<T>(), &batch.ids, &labels, count, &d);

@@ -192,3 +192,42 @@ fn hand_written_backward_equals_autograd_in_f64() {
 fn hand_written_backward_equals_autograd_in_f32() {
     hand_written_equals_autograd(DType::F32, 1e-4);
 }
+
+#[test]
+fn hand_written_backward_names_the_bad_input() {
+    let cfg = common::micro_config(Architecture::Llama, false);
+    let map = common::random_weights(&cfg, DType::F32, 2, 0.3);
+    let model = Model::new(&cfg, &map).expect("model");
+    let ids = common::random_ids(2, 5, cfg.vocab_size, 3);
+    let ones =
+        |b: usize, t: usize, dtype: DType| Tensor::ones((b, t), dtype, &Device::Cpu).expect("ones");
+    let field = |r: lmforge_model::Result<backprop::Gradients>| match r {
+        Err(lmforge_model::ModelError::InvalidInput { field, .. }) => field,
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("bad input accepted"),
+    };
+    let run = |ids: &Tensor, attn: &Tensor, labels: &Tensor| {
+        backprop::loss_and_grads(&model, ids, attn, labels, None, None)
+    };
+    let (attn, labels) = (ones(2, 5, DType::U32), ones(2, 5, DType::F32));
+    assert_eq!(
+        field(run(&ids, &ones(2, 4, DType::U32), &labels)),
+        "attention_mask"
+    );
+    assert_eq!(
+        field(run(&ids, &attn, &ones(1, 5, DType::F32))),
+        "label_mask"
+    );
+    assert_eq!(
+        field(run(
+            &ids,
+            &attn,
+            &ones(2, 5, DType::F32).zeros_like().expect("zeros")
+        )),
+        "label_mask"
+    );
+    let big = Tensor::new(&[[1u32, 2, 3, 4, 99], [1, 2, 3, 4, 5]], &Device::Cpu).expect("ids");
+    assert_eq!(field(run(&big, &attn, &labels)), "input_ids");
+    // The same model trains fine on good input.
+    assert!(run(&ids, &attn, &labels).expect("good input").loss > 0.0);
+}
