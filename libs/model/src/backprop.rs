@@ -740,7 +740,7 @@ fn run<T: Real>(
         put(&layer.o.weight, dw)?;
         let datt = linear_input_grad(&d_o, w(O), n);
         drop(d_o);
-        let (mut dq, mut dk, dv) = attention_backward(&datt, &s, &d);
+        let (mut dq, mut dk, dv) = attention_backward(&datt, &s, &d, &batch.keys);
         drop(datt);
         rotate(&mut dq, d.nh * d.hd, &d, cos, sin, true);
         rotate(&mut dk, d.nkv * d.hd, &d, cos, sin, true);
@@ -867,6 +867,23 @@ fn rotate<T: Real>(x: &mut [T], width: usize, d: &Dims, cos: &[T], sin: &[T], in
         });
 }
 
+/// Query rows per block of the attention products: a block's keys end where its last
+/// query's do (causal), so the products skip the masked upper triangle.
+const ATT_ROWS: usize = 64;
+
+/// For each query row block of one sequence, the keys its products cover: up to its last
+/// row, or all `t` when a row sees no key at all (it attends uniformly to every key).
+fn key_extents(t: usize, keys: &[bool], window: usize) -> Vec<(usize, usize, usize)> {
+    (0..t)
+        .step_by(ATT_ROWS)
+        .map(|r0| {
+            let r1 = (r0 + ATT_ROWS).min(t);
+            let blind = (r0..r1).any(|i| !(0..=i).any(|j| i - j < window && keys[j]));
+            (r0, r1, if blind { t } else { r1 })
+        })
+        .collect()
+}
+
 /// Attention of every (sequence, query head): probabilities `[b, nh, t, t]` and the output
 /// `[b·t, nh·hd]`.
 fn attention_forward<T: Real>(
@@ -891,44 +908,35 @@ fn attention_forward<T: Real>(
                 &v[bi * t * kw..(bi + 1) * t * kw],
             );
             let keys = &keys[bi * t..(bi + 1) * t];
+            let blocks = key_extents(t, keys, d.window);
             for (h, p) in p.chunks_exact_mut(t * t).enumerate() {
                 let j = h / groups;
-                let qh = Mat {
-                    data: &q[h * hd..],
-                    rs: qw,
-                    cs: 1,
-                };
-                let kj = Mat {
-                    data: &k[j * hd..],
-                    rs: kw,
-                    cs: 1,
-                };
-                let vj = Mat {
-                    data: &v[j * hd..],
-                    rs: kw,
-                    cs: 1,
-                };
-                gemm(
-                    p,
-                    t,
-                    (t, t, hd),
-                    qh,
-                    kj.t(),
-                    T::from_f64(d.scale),
-                    false,
-                    false,
-                );
+                // Scores of visible keys only; the rest of each row stays 0 (masked).
+                for &(r0, r1, _) in &blocks {
+                    gemm(
+                        &mut p[r0 * t..],
+                        t,
+                        (r1 - r0, r1, hd),
+                        at(q, r0 * qw + h * hd, qw),
+                        at(k, j * hd, kw).t(),
+                        T::from_f64(d.scale),
+                        false,
+                        false,
+                    );
+                }
                 masked_softmax(p, t, keys, d.window);
-                gemm(
-                    &mut att[h * hd..],
-                    qw,
-                    (t, hd, t),
-                    rows_of(p, t),
-                    vj,
-                    T::one(),
-                    false,
-                    false,
-                );
+                for &(r0, r1, ext) in &blocks {
+                    gemm(
+                        &mut att[r0 * qw + h * hd..],
+                        qw,
+                        (r1 - r0, hd, ext),
+                        at(p, r0 * t, t),
+                        at(v, j * hd, kw),
+                        T::one(),
+                        false,
+                        false,
+                    );
+                }
             }
         });
     (p, att)
@@ -936,7 +944,12 @@ fn attention_forward<T: Real>(
 
 /// Backward of [`attention_forward`] for `datt` `[b·t, nh·hd]`: the gradients of the
 /// rotated q, the rotated k and v.
-fn attention_backward<T: Real>(datt: &[T], s: &Saved<T>, d: &Dims) -> (Vec<T>, Vec<T>, Vec<T>) {
+fn attention_backward<T: Real>(
+    datt: &[T],
+    s: &Saved<T>,
+    d: &Dims,
+    keys: &[bool],
+) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (t, hd) = (d.t, d.hd);
     let (qw, kw) = (d.nh * hd, d.nkv * hd);
     let groups = d.nh / d.nkv;
@@ -955,61 +968,68 @@ fn attention_backward<T: Real>(datt: &[T], s: &Saved<T>, d: &Dims) -> (Vec<T>, V
                 &s.v[bi * t * kw..(bi + 1) * t * kw],
             );
             let p_all = &s.p[bi * d.nh * t * t..(bi + 1) * d.nh * t * t];
-            let mut ds = vec![T::zero(); t * t];
+            let blocks = key_extents(t, &keys[bi * t..(bi + 1) * t], d.window);
+            let mut ds = vec![T::zero(); ATT_ROWS * t];
             for h in 0..d.nh {
                 let j = h / groups;
                 let p = &p_all[h * t * t..(h + 1) * t * t];
-                let doh = at(datt, h * hd, qw);
-                // dp = dO · vᵀ, then ds = p ⊙ (dp − Σ dp ⊙ p).
-                gemm(
-                    &mut ds,
-                    t,
-                    (t, t, hd),
-                    doh,
-                    at(v, j * hd, kw).t(),
-                    T::one(),
-                    false,
-                    false,
-                );
-                for (ds, p) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-                    let mut dot = T::zero();
-                    for (&g, &p) in ds.iter().zip(p) {
-                        dot += g * p;
+                for &(r0, r1, ext) in &blocks {
+                    let rows = r1 - r0;
+                    let doh = at(datt, r0 * qw + h * hd, qw);
+                    // dp = dO · vᵀ, then ds = p ⊙ (dp − Σ dp ⊙ p), over the block's keys.
+                    gemm(
+                        &mut ds,
+                        ext,
+                        (rows, ext, hd),
+                        doh,
+                        at(v, j * hd, kw).t(),
+                        T::one(),
+                        false,
+                        false,
+                    );
+                    let pb = &p[r0 * t..r1 * t];
+                    for (ds, p) in ds.chunks_exact_mut(ext).zip(pb.chunks_exact(t)) {
+                        let p = &p[..ext];
+                        let mut dot = T::zero();
+                        for (&g, &p) in ds.iter().zip(p) {
+                            dot += g * p;
+                        }
+                        for (g, &p) in ds.iter_mut().zip(p) {
+                            *g = p * (*g - dot);
+                        }
                     }
-                    for (g, &p) in ds.iter_mut().zip(p) {
-                        *g = p * (*g - dot);
-                    }
+                    let dsb = rows_of(&ds[..rows * ext], ext);
+                    gemm(
+                        &mut dq[r0 * qw + h * hd..],
+                        qw,
+                        (rows, hd, ext),
+                        dsb,
+                        at(k, j * hd, kw),
+                        scale,
+                        false,
+                        false,
+                    );
+                    gemm(
+                        &mut dk[j * hd..],
+                        kw,
+                        (ext, hd, rows),
+                        dsb.t(),
+                        at(q, r0 * qw + h * hd, qw),
+                        scale,
+                        true,
+                        false,
+                    );
+                    gemm(
+                        &mut dv[j * hd..],
+                        kw,
+                        (ext, hd, rows),
+                        at(pb, 0, t).t(),
+                        doh,
+                        T::one(),
+                        true,
+                        false,
+                    );
                 }
-                gemm(
-                    &mut dq[h * hd..],
-                    qw,
-                    (t, hd, t),
-                    rows_of(&ds, t),
-                    at(k, j * hd, kw),
-                    scale,
-                    false,
-                    false,
-                );
-                gemm(
-                    &mut dk[j * hd..],
-                    kw,
-                    (t, hd, t),
-                    rows_of(&ds, t).t(),
-                    at(q, h * hd, qw),
-                    scale,
-                    true,
-                    false,
-                );
-                gemm(
-                    &mut dv[j * hd..],
-                    kw,
-                    (t, hd, t),
-                    rows_of(p, t).t(),
-                    doh,
-                    T::one(),
-                    true,
-                    false,
-                );
             }
         });
     (dq, dk, dv)

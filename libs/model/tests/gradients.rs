@@ -123,7 +123,6 @@ fn hand_written_equals_autograd(dtype: DType, tol: f64) {
     cfg.sliding_window = Some(3);
     cfg.attention_bias = true;
     let map = common::random_weights(&cfg, dtype, 7, 0.3);
-    let model = Model::new(&cfg, &map).expect("model");
     let ids = common::random_ids(3, 7, cfg.vocab_size, 8);
     // Row 2 is all padding but its last token: its first queries see no key at all.
     let attn = Tensor::new(
@@ -150,6 +149,20 @@ fn hand_written_equals_autograd(dtype: DType, tol: f64) {
     .expect("labels")
     .to_dtype(dtype)
     .expect("dtype");
+    compare_with_autograd(&cfg, &map, &ids, &attn, &labels, tol);
+}
+
+/// Loss and every gradient of `backprop` against autograd's on one batch, with dropout.
+fn compare_with_autograd(
+    cfg: &lmforge_model::ModelConfig,
+    map: &candle_nn::VarMap,
+    ids: &Tensor,
+    attn: &Tensor,
+    labels: &Tensor,
+    tol: f64,
+) {
+    let model = Model::new(cfg, map).expect("model");
+    let (ids, attn, labels) = (ids.clone(), attn.clone(), labels.clone());
     let (p, seed) = (0.25, 99);
     let mut rng = Rng::new(seed);
     let hidden = model
@@ -167,7 +180,7 @@ fn hand_written_equals_autograd(dtype: DType, tol: f64) {
         "loss {} vs {want_loss}",
         got.loss
     );
-    for (name, var) in weights::sorted_vars(&map) {
+    for (name, var) in weights::sorted_vars(map) {
         let want = store.get(var.as_tensor()).expect("autograd gradient");
         let have = got
             .grads
@@ -230,4 +243,36 @@ fn hand_written_backward_names_the_bad_input() {
     assert_eq!(field(run(&big, &attn, &labels)), "input_ids");
     // The same model trains fine on good input.
     assert!(run(&ids, &attn, &labels).expect("good input").loss > 0.0);
+}
+
+#[test]
+fn hand_written_backward_equals_autograd_over_several_attention_blocks() {
+    several_attention_blocks(DType::F64, 1e-9);
+    several_attention_blocks(DType::F32, 1e-4);
+}
+
+fn several_attention_blocks(dtype: DType, tol: f64) {
+    // 150 positions span three of the products' 64-query blocks; row 1's 70 padding
+    // positions make its first two blocks hold queries that see no key; a window of 100.
+    let mut cfg = common::micro_config(Architecture::Mistral, false);
+    cfg.max_position_embeddings = 256;
+    cfg.sliding_window = Some(100);
+    let (b, t, pad) = (2, 150, 70);
+    let map = common::random_weights(&cfg, dtype, 12, 0.3);
+    let ids = common::random_ids(b, t, cfg.vocab_size, 13);
+    let mut attn = vec![1u32; b * t];
+    attn[t..t + pad].fill(0);
+    // f64 keeps the scores of key-less queries (see above), so there none of them predicts
+    // a target; in f32 the last of them (uniform over all 150 keys) does.
+    let mut labels = vec![1f64; b * t];
+    labels[t..t + pad].fill(0.0);
+    if dtype == DType::F64 {
+        labels[t + pad] = 0.0;
+    }
+    let attn = Tensor::from_vec(attn, (b, t), &Device::Cpu).expect("mask");
+    let labels = Tensor::from_vec(labels, (b, t), &Device::Cpu)
+        .expect("labels")
+        .to_dtype(dtype)
+        .expect("dtype");
+    compare_with_autograd(&cfg, &map, &ids, &attn, &labels, tol);
 }
