@@ -758,9 +758,15 @@ fn run<T: Real>(
         let dw = rms_backward(&mut dx, &dh1, &s.x, &s.r1, lv.input_norm.slice::<T>());
         put(&layer.input_norm, dw)?;
     }
-    // The embedding rows of the batch's tokens, then the LM head (the same tensor when tied).
-    let vocab = model.config.vocab_size;
-    let mut d_embed = vec![T::zero(); vocab * hs];
+    // The embedding rows of the batch's tokens: added into the LM head's gradient when the
+    // two are one tensor, else into their own.
+    let tied = model.embed.id() == model.lm_head.weight.id();
+    let mut d_embed = if tied {
+        d_head
+    } else {
+        put(&model.lm_head.weight, d_head)?;
+        vec![T::zero(); model.config.vocab_size * hs]
+    };
     for (row, &id) in dx.chunks_exact(hs).zip(&batch.ids) {
         let id = id as usize;
         for (e, &g) in d_embed[id * hs..(id + 1) * hs].iter_mut().zip(row) {
@@ -768,7 +774,6 @@ fn run<T: Real>(
         }
     }
     put(&model.embed, d_embed)?;
-    put(&model.lm_head.weight, d_head)?;
     Ok(Gradients {
         loss: loss_value,
         grads,
