@@ -10,7 +10,8 @@
 //! q/k, v, attention probabilities, the MLP's gate and up outputs), the products run on
 //! `gemm` straight from and into those buffers (weight gradients `dyᵀ · x` read `dy`
 //! transposed in place), attention runs per (sequence, head) on row-strided views of the
-//! projections without transposes, and the element-wise steps (RMS norm, rotary, softmax,
+//! projections without transposes, skipping the causal upper triangle in 64-query blocks,
+//! and the element-wise steps (RMS norm, rotary, softmax,
 //! SiLU gate) are single passes with their backward written out:
 //! - RMS norm `y = x · r · w`, `r = 1 / √(mean x² + ε)`: `dw = Σ dy ⊙ x · r`,
 //!   `dx = r · dn − x · r³ · Σⱼ(dn ⊙ x) / H` with `dn = dy ⊙ w`;
@@ -40,7 +41,7 @@ use crate::model::{Layer, Model};
 use crate::rng::Rng;
 
 /// The element types this path computes in.
-pub trait Real: WithDType {
+pub(crate) trait Real: WithDType {
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
 }
