@@ -46,22 +46,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let start = Instant::now();
         let stats = trainer.train_step(std::slice::from_ref(&batch))?;
         println!(
-            "{shape} step: {:.1} tok/s, loss {:.4}, {} page faults so far",
+            "{shape} step: {:.1} tok/s, loss {:.4}",
             (b * t) as f64 / start.elapsed().as_secs_f64(),
-            stats.loss,
-            minor_faults()
+            stats.loss
         );
     }
     Ok(())
-}
-
-/// Minor page faults of this process so far (field 10 of `/proc/self/stat`).
-fn minor_faults() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after_name = stat.rsplit(')').next().unwrap_or("");
-    after_name
-        .split_whitespace()
-        .nth(7)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }

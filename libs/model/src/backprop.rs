@@ -29,6 +29,7 @@
 //! fixed chunks, so a step is bit-for-bit repeatable. LoRA adapters, q8_0 or released
 //! weights, other devices and half precision train through autograd ([`supported`]).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Storage, StorageRef, Tensor, TensorId, WithDType};
@@ -701,13 +702,10 @@ fn run<T: Real>(
     drop((hf, head_v));
 
     let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
+    // Each weight gets one gradient (a tied embedding's two uses are summed before).
     let mut put = |t: &Tensor, g: Vec<T>| -> Result<()> {
-        let g = Tensor::from_vec(g, t.shape(), &Device::Cpu)?;
-        let g = match grads.remove(&t.id()) {
-            Some(prev) => (prev + g)?,
-            None => g,
-        };
-        grads.insert(t.id(), g);
+        let prev = grads.insert(t.id(), Tensor::from_vec(g, t.shape(), &Device::Cpu)?);
+        debug_assert!(prev.is_none(), "one gradient per weight");
         Ok(())
     };
     let mut dx = vec![T::zero(); n * hs];
@@ -797,11 +795,11 @@ fn apply_dropout<T: Real>(y: &mut [T], dropout: &mut Option<(f32, &mut Rng)>) ->
     Some(mask)
 }
 
-/// `g ⊙ mask` (or a copy of `g` without one).
-fn masked<T: Real>(g: &[T], mask: Option<&[T]>) -> Vec<T> {
+/// `g ⊙ mask`, or `g` itself without one.
+fn masked<'a, T: Real>(g: &'a [T], mask: Option<&[T]>) -> Cow<'a, [T]> {
     match mask {
-        Some(m) => g.iter().zip(m).map(|(&g, &m)| g * m).collect(),
-        None => g.to_vec(),
+        Some(m) => Cow::Owned(g.iter().zip(m).map(|(&g, &m)| g * m).collect()),
+        None => Cow::Borrowed(g),
     }
 }
 
