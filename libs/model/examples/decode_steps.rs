@@ -1,7 +1,8 @@
 //! Greedy decode steps of a shape with random weights, for profiling one configuration:
 //! `cargo run --release -p lmforge-model --example decode_steps -- small 1 q8 200`
 //! (shape, batch, `f32` or `q8`, steps); prints decode tokens/s. With 0 steps it times the
-//! prefill of `batch` prompts instead. Prompts are 32 tokens (`PROMPT=256` for longer);
+//! prefill of `batch` prompts instead; `REPEAT=n` does either n times from fresh prompts (the
+//! decode figure only times the steps). Prompts are 32 tokens (`PROMPT=256` for longer);
 //! `LMFORGE_AMX=0` runs the f32 products without AMX, for A/B runs.
 
 use std::time::Instant;
@@ -53,13 +54,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         model.forward_batch(&mut cache, &mut inputs)?;
         Ok((cache, tables))
     };
+    // `REPEAT=n` runs the prefill (or the decode steps from fresh prompts) n times, so short
+    // contexts like a serving benchmark's can be profiled for longer.
+    let repeat: usize =
+        std::env::var("REPEAT").map_or(Ok(if steps == 0 { 10 } else { 1 }), |s| s.parse())?;
     if steps == 0 {
-        // Prefill only: `batch` prompts of 32 tokens in one forward, 10 times.
+        // Prefill only: `batch` prompts in one forward, `repeat` times.
         let start = Instant::now();
-        for _ in 0..10 {
+        for _ in 0..repeat {
             prefill(prompt.div_ceil(16))?;
         }
-        let secs = start.elapsed().as_secs_f64() / 10.0;
+        let secs = start.elapsed().as_secs_f64() / repeat as f64;
         println!(
             "{shape} prefill of {batch} × {prompt} tokens: {:.1} tok/s ({:.1} ms)",
             (batch * prompt) as f64 / secs,
@@ -67,7 +72,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         return Ok(());
     }
-    let (mut cache, mut tables) = prefill((prompt + steps).div_ceil(16))?;
+    let mut secs = 0.0;
+    for _ in 0..repeat {
+        secs += decode(
+            &model,
+            prefill((prompt + steps).div_ceil(16))?,
+            batch,
+            steps,
+        )?;
+    }
+    let steps = steps * repeat;
+    println!(
+        "{shape} batch {batch} {}: {:.1} tok/s ({:.2} ms a step)",
+        if q8 { "q8_0" } else { "f32" },
+        (batch * steps) as f64 / secs,
+        secs * 1e3 / steps as f64
+    );
+    Ok(())
+}
+
+/// `steps` greedy-shaped decode steps of every sequence; returns the seconds they took.
+fn decode(
+    model: &Model,
+    (mut cache, mut tables): (PagedKvCache, Vec<BlockTable>),
+    batch: usize,
+    steps: usize,
+) -> Result<f64, Box<dyn std::error::Error>> {
     let start = Instant::now();
     for step in 0..steps {
         let toks: Vec<[u32; 1]> = (0..batch)
@@ -80,12 +110,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         model.forward_batch(&mut cache, &mut inputs)?;
     }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "{shape} batch {batch} {}: {:.1} tok/s ({:.2} ms a step)",
-        if q8 { "q8_0" } else { "f32" },
-        (batch * steps) as f64 / secs,
-        secs * 1e3 / steps as f64
-    );
-    Ok(())
+    Ok(start.elapsed().as_secs_f64())
 }

@@ -3,9 +3,12 @@
 //! a [`PagedKvCache`].
 //!
 //! Tokens of all sequences are flattened into one `[N, hidden]` matrix so every projection
-//! and MLP is one matmul for the whole batch; only attention is per sequence, against that
-//! sequence's own blocks. Fused kernels (`rope_thd`, `rms_norm`, `softmax_last_dim`) are used
-//! here because no gradient is needed.
+//! and MLP is one matmul for the whole batch; only attention reads each sequence's own
+//! blocks. On the CPU in f32 every token attends on its own ([`TokenAttention`], prefill and
+//! decode tokens alike) and the rotated keys and values are written straight into the cache
+//! ([`WriteRows`]); other dtypes and devices use candle's fused kernels (`rope_thd`,
+//! `softmax_last_dim`) per prefill chunk and one padded group for the decode tokens. Fused
+//! kernels are used here because no gradient is needed.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -40,18 +43,31 @@ fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     const CHUNK: usize = 4096;
     out.par_chunks_mut(CHUNK)
         .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK)))
-        .for_each(|(o, (g, u))| {
-            pulp::Arch::new().dispatch(|| {
-                for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
-                    // σ(x) from e^-|x| ≤ 1, which never overflows.
-                    let e = crate::sampling::exp_nonpositive(-x.abs());
-                    let sigmoid = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
-                    *o = x * sigmoid * u;
-                }
-            })
-        });
+        .for_each(|(out, (g, u))| pulp::Arch::new().dispatch(SiluMul { out, g, u }));
     drop((gst, ust));
     Ok(Tensor::from_vec(out, g.shape(), g.device())?)
+}
+
+/// One chunk of [`silu_mul`] as a `pulp` operation, so its loop is compiled (and vectorised)
+/// for the instruction set dispatched to; a closure may stay a baseline SSE2 function.
+struct SiluMul<'a> {
+    out: &'a mut [f32],
+    g: &'a [f32],
+    u: &'a [f32],
+}
+
+impl pulp::WithSimd for SiluMul<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        for ((o, &x), &u) in self.out.iter_mut().zip(self.g).zip(self.u) {
+            // σ(x) from e^-|x| ≤ 1, which never overflows.
+            let e = crate::sampling::exp_nonpositive(-x.abs());
+            let sigmoid = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
+            *o = x * sigmoid * u;
+        }
+    }
 }
 
 /// Keeps the rayon pool's other workers awake, taking work, until dropped.
@@ -170,7 +186,6 @@ impl Model {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let groups = nh / nkv;
         let device = self.device().clone();
         if seqs.is_empty() || seqs.iter().any(|s| s.tokens.is_empty()) {
             return Err(ModelError::input(
@@ -213,35 +228,9 @@ impl Model {
         let pos_t = Tensor::new(positions.as_slice(), &device)?;
         let cos = self.cos.index_select(&pos_t, 0)?;
         let sin = self.sin.index_select(&pos_t, 0)?;
-        // Per sequence: offset into the flat batch, start position, slots of its whole context
-        // and (for chunks longer than one token, or with a sliding window) an additive mask.
-        let mut plans = Vec::with_capacity(seqs.len());
-        let mut offset = 0;
-        for s in seqs.iter() {
-            let (start, len) = (s.table.len, s.tokens.len());
-            let ctx = start + len;
-            // Decode tokens attend as a group (see DecodeGroup): their per-sequence slots and
-            // masks would go unused.
-            let (slots, mask) = if len == 1 {
-                (Vec::new(), None)
-            } else {
-                (
-                    (0..ctx).map(|p| cache.slot(s.table, p) as u32).collect(),
-                    self.chunk_mask(start, len, &device)?,
-                )
-            };
-            plans.push((
-                offset,
-                start,
-                len,
-                Tensor::new(slots.as_slice(), &device)?,
-                mask,
-            ));
-            offset += len;
-        }
         let scale = 1.0 / (hd as f64).sqrt();
         let eps = cfg.rms_norm_eps as f32;
-        // Every new token's cache slot: one scatter per layer writes the whole batch.
+        // Every new token's cache slot: one write per layer covers the whole batch.
         let new_slots: Vec<u32> = seqs
             .iter()
             .flat_map(|s| {
@@ -249,97 +238,74 @@ impl Model {
                 (start..start + s.tokens.len()).map(|p| cache.slot(s.table, p) as u32)
             })
             .collect();
-        let write_idx = Tensor::new(new_slots.as_slice(), &device)?
-            .reshape((n, 1, 1))?
-            .broadcast_as((n, nkv, hd))?
-            .contiguous()?;
-        // Decode tokens (one new token per sequence) share one batched attention over their
-        // contexts padded to the longest; prefill chunks keep a per-sequence attention.
-        let decode = DecodeGroup::new(self, cache, seqs, &plans, &device)?;
-        let prefill: Vec<usize> = (0..plans.len())
-            .filter(|&i| plans[i].2 > 1 || decode.is_none())
-            .collect();
-        // Rows of the attention output in the order its pieces are concatenated, and the
-        // inverse permutation back to batch order (None when they already agree).
-        let mut piece_rows: Vec<u32> = Vec::with_capacity(n);
-        for &i in &prefill {
-            let (off, _, len, _, _) = &plans[i];
-            piece_rows.extend((*off..off + len).map(|r| r as u32));
-        }
-        if let Some(d) = &decode {
-            piece_rows.extend(d.rows.iter().copied());
-        }
-        let unpermute = if piece_rows.iter().enumerate().all(|(i, &r)| i as u32 == r) {
-            None
+        // Attention of every new token over its own sequence's cached context. On the CPU in
+        // f32, rotary embedding and the cache writes are single passes too.
+        let (attention, kv_write) = if self.dtype() == DType::F32 && device.is_cpu() {
+            let rows = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+            (
+                Attention::Tokens(TokenAttention::new(self, cache, seqs)),
+                KvWrite::Rows {
+                    cos: rows(&cos)?,
+                    sin: rows(&sin)?,
+                },
+            )
         } else {
-            let mut inv = vec![0u32; n];
-            for (pos, &row) in piece_rows.iter().enumerate() {
-                inv[row as usize] = pos as u32;
-            }
-            Some(Tensor::new(inv.as_slice(), &device)?)
+            let index = Tensor::new(new_slots.as_slice(), &device)?
+                .reshape((n, 1, 1))?
+                .broadcast_as((n, nkv, hd))?
+                .contiguous()?;
+            (
+                Attention::Tensors(TensorAttention::new(self, cache, seqs, &device)?),
+                KvWrite::Scatter(index),
+            )
         };
         let mut x = self
             .embed
             .index_select(&Tensor::new(ids.as_slice(), &device)?, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let q = layer.q.forward_serving(&h)?.reshape((1, n, nh, hd))?;
-            let k = layer.k.forward_serving(&h)?.reshape((1, n, nkv, hd))?;
-            let v = layer.v.forward_serving(&h)?.reshape((n, nkv, hd))?;
-            let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?.squeeze(0)?;
-            let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?.squeeze(0)?;
-            cache.k[li].scatter_set(&write_idx, &k.contiguous()?, 0)?;
-            cache.v[li].scatter_set(&write_idx, &v.contiguous()?, 0)?;
-            let mut outs = Vec::with_capacity(prefill.len() + 1);
-            for &i in &prefill {
-                let (off, start, len, slots, mask) = &plans[i];
-                let (kc, vc) = cache.gather(li, slots)?;
-                let ctx = start + len;
-                let kc = kc.transpose(0, 1)?.contiguous()?; // [nkv, ctx, hd]
-                let vc = vc.transpose(0, 1)?.contiguous()?;
-                // [len, nh, hd] -> [nkv, groups * len, hd]: query heads sharing a kv head
-                // become rows of one matmul.
-                let qs = q
-                    .narrow(0, *off, *len)?
-                    .transpose(0, 1)?
-                    .contiguous()?
-                    .reshape((nkv, groups * len, hd))?;
-                let mut scores = (qs.matmul(&kc.t()?)? * scale)?;
-                if let Some(m) = mask {
-                    scores = scores
-                        .reshape((nkv, groups, *len, ctx))?
-                        .broadcast_add(m)?
-                        .reshape((nkv, groups * len, ctx))?;
+            let q = layer.q.forward_serving(&h)?;
+            let k = layer.k.forward_serving(&h)?;
+            let v = layer.v.forward_serving(&h)?;
+            let q = match &kv_write {
+                KvWrite::Rows { cos, sin } => {
+                    let rope = Rope {
+                        cos,
+                        sin,
+                        head_dim: hd,
+                    };
+                    let write = |rope| WriteRows {
+                        slots: &new_slots,
+                        rope,
+                    };
+                    cache.k[li].inplace_op2(&k.contiguous()?, &write(Some(rope)))?;
+                    cache.v[li].inplace_op2(&v.contiguous()?, &write(None))?;
+                    rotate_rows(&q, rope)?.reshape((n, nh, hd))?
                 }
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                let att = probs
-                    .matmul(&vc)?
-                    .reshape((nh, *len, hd))?
-                    .transpose(0, 1)?
-                    .reshape((*len, nh * hd))?;
-                outs.push(att);
-            }
-            if let Some(d) = &decode {
-                outs.push(d.attend(cache, li, &q, scale)?);
-            }
-            let mut att = if outs.len() == 1 {
-                outs.pop().expect("one piece")
-            } else {
-                Tensor::cat(&outs, 0)?
+                KvWrite::Scatter(index) => {
+                    let q = q.reshape((1, n, nh, hd))?.contiguous()?;
+                    let k = k.reshape((1, n, nkv, hd))?.contiguous()?;
+                    let q = candle_nn::rotary_emb::rope_thd(&q, &cos, &sin)?.squeeze(0)?;
+                    let k = candle_nn::rotary_emb::rope_thd(&k, &cos, &sin)?.squeeze(0)?;
+                    let v = v.reshape((n, nkv, hd))?;
+                    cache.k[li].scatter_set(index, &k.contiguous()?, 0)?;
+                    cache.v[li].scatter_set(index, &v.contiguous()?, 0)?;
+                    q
+                }
             };
-            if let Some(inv) = &unpermute {
-                att = att.index_select(inv, 0)?;
-            }
+            let att = attention.attend(cache, li, &q, scale)?;
             x = (x + layer.o.forward_serving(&att)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
             let g = layer.gate.forward_serving(&h)?;
             let u = layer.up.forward_serving(&h)?;
             x = (x + layer.down.forward_serving(&silu_mul(&g, &u)?)?)?;
         }
-        let last: Vec<u32> = plans
-            .iter()
-            .map(|(off, _, len, _, _)| (off + len - 1) as u32)
-            .collect();
+        let mut last = Vec::with_capacity(seqs.len());
+        let mut end = 0;
+        for s in seqs.iter() {
+            end += s.tokens.len();
+            last.push(end as u32 - 1);
+        }
         let x = x.index_select(&Tensor::new(last.as_slice(), &device)?, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
         let logits = self.lm_head.forward_serving(&x)?.to_dtype(DType::F32)?;
@@ -375,9 +341,341 @@ impl Model {
     }
 }
 
-/// The decode tokens of a batch (sequences bringing one new token), attended together: their
-/// contexts are gathered into one `[B, kv_heads, max_ctx, head_dim]` tensor, padded positions
-/// masked out.
+/// How a forward rotates keys and queries and writes the new keys and values to the cache.
+enum KvWrite {
+    /// CPU f32: [`WriteRows`] and [`rotate_rows`] with the tokens' cos/sin rows
+    /// (`[n, head_dim / 2]` each).
+    Rows { cos: Vec<f32>, sin: Vec<f32> },
+    /// Any dtype or device: candle's `rope_thd`, then a scatter at this `[n, kv_heads,
+    /// head_dim]` index of the tokens' slots.
+    Scatter(Tensor),
+}
+
+/// The batch's rotary tables, `[n, head_dim / 2]` each (one row per token, at its position).
+#[derive(Clone, Copy)]
+struct Rope<'a> {
+    cos: &'a [f32],
+    sin: &'a [f32],
+    head_dim: usize,
+}
+
+impl Rope<'_> {
+    /// Rotate every `head_dim`-wide head of `src` (token `row`'s) into `dst`: the halves
+    /// `[x1·cos − x2·sin, x1·sin + x2·cos]`, as candle's `rope_thd` computes them.
+    #[inline]
+    fn rotate(&self, row: usize, src: &[f32], dst: &mut [f32]) {
+        let half = self.head_dim / 2;
+        let (cos, sin) = (
+            &self.cos[row * half..(row + 1) * half],
+            &self.sin[row * half..(row + 1) * half],
+        );
+        for (s, d) in src
+            .chunks_exact(self.head_dim)
+            .zip(dst.chunks_exact_mut(self.head_dim))
+        {
+            let (x1, x2) = s.split_at(half);
+            let (d1, d2) = d.split_at_mut(half);
+            for i in 0..half {
+                d1[i] = x1[i] * cos[i] - x2[i] * sin[i];
+                d2[i] = x1[i] * sin[i] + x2[i] * cos[i];
+            }
+        }
+    }
+}
+
+/// `x [n, heads · head_dim]` (f32, CPU) with every head rotated at its token's position.
+fn rotate_rows(x: &Tensor, rope: Rope<'_>) -> Result<Tensor> {
+    let (n, width) = x.dims2()?;
+    let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; xs.len()];
+    for (row, (s, d)) in xs
+        .chunks_exact(width)
+        .zip(out.chunks_exact_mut(width))
+        .enumerate()
+    {
+        rope.rotate(row, s, d);
+    }
+    Ok(Tensor::from_vec(out, (n, width), x.device())?)
+}
+
+/// Writes token `i`'s row of `[n, kv_heads · head_dim]` (f32, CPU) into cache slot `slots[i]`
+/// of a `[slots, kv_heads, head_dim]` cache tensor in place, rotating its heads first when
+/// `rope` is given: one pass instead of a rotation, copies and a scatter.
+struct WriteRows<'a> {
+    slots: &'a [u32],
+    rope: Option<Rope<'a>>,
+}
+
+impl candle_core::InplaceOp2 for WriteRows<'_> {
+    fn name(&self) -> &'static str {
+        "write-kv-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        cache: &mut candle_core::CpuStorage,
+        cache_layout: &candle_core::Layout,
+        rows: &candle_core::CpuStorage,
+        rows_layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage;
+        let (CpuStorage::F32(dst), CpuStorage::F32(src)) = (cache, rows) else {
+            candle_core::bail!("write-kv-rows: f32 cache and rows only");
+        };
+        let (Some((d0, d1)), Some((s0, s1))) = (
+            cache_layout.contiguous_offsets(),
+            rows_layout.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("write-kv-rows: contiguous cache and rows only");
+        };
+        let width: usize = cache_layout.dims()[1..].iter().product();
+        let (dst, src) = (&mut dst[d0..d1], &src[s0..s1]);
+        if src.len() != self.slots.len() * width {
+            candle_core::bail!(
+                "write-kv-rows: {} values for {} slots of {width}",
+                src.len(),
+                self.slots.len()
+            );
+        }
+        for (row, (&slot, s)) in self.slots.iter().zip(src.chunks_exact(width)).enumerate() {
+            let at = slot as usize * width;
+            let Some(d) = dst.get_mut(at..at + width) else {
+                candle_core::bail!("write-kv-rows: slot {slot} outside the cache");
+            };
+            match &self.rope {
+                Some(rope) => rope.rotate(row, s, d),
+                None => d.copy_from_slice(s),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a forward attends: the CPU f32 kernel per token, or candle ops (any dtype or device).
+enum Attention {
+    Tokens(TokenAttention),
+    Tensors(TensorAttention),
+}
+
+impl Attention {
+    /// Attention output `[n, heads * head_dim]` of the batch's tokens at layer `li`, in batch
+    /// order, from their rotated queries `[n, heads, head_dim]` (the new keys and values
+    /// already in the cache).
+    fn attend(&self, cache: &PagedKvCache, li: usize, q: &Tensor, scale: f64) -> Result<Tensor> {
+        match self {
+            Attention::Tokens(t) => t.attend(cache, li, q, scale),
+            Attention::Tensors(t) => t.attend(cache, li, q, scale),
+        }
+    }
+}
+
+/// Paged attention straight from an f32 CPU cache: one task per (new token, kv head), reading
+/// that token's visible keys and values through its sequence's slots, with no gather, mask or
+/// per-head matmul calls (hundreds of tiny GEMMs and copies per step otherwise dominate both
+/// decode steps and short prefill chunks). A prefill chunk's tokens are attended like decode
+/// tokens, each over the context up to its own position, so a token's attention is the same
+/// computation whether it comes in a prompt or alone, and whatever else is in the batch.
+struct TokenAttention {
+    /// Each sequence's context slots (positions `0..start + len`), one after another.
+    slots: Vec<u32>,
+    /// Per token, in batch order: its visible slots (causal, and within a sliding window), a
+    /// range of `slots`.
+    spans: Vec<std::ops::Range<usize>>,
+}
+
+impl TokenAttention {
+    /// `seqs`' blocks are reserved for their new tokens; `table.len` is still their start.
+    fn new(model: &Model, cache: &PagedKvCache, seqs: &[SeqInput<'_>]) -> Self {
+        let window = model.config.sliding_window.unwrap_or(usize::MAX);
+        let tokens = seqs.iter().map(|s| s.tokens.len()).sum();
+        let mut slots =
+            Vec::with_capacity(seqs.iter().map(|s| s.table.len).sum::<usize>() + tokens);
+        let mut spans = Vec::with_capacity(tokens);
+        for s in seqs {
+            let base = slots.len();
+            let (start, len) = (s.table.len, s.tokens.len());
+            slots.extend((0..start + len).map(|p| cache.slot(s.table, p) as u32));
+            spans.extend(
+                (start..start + len)
+                    .map(|qpos| base + (qpos + 1).saturating_sub(window)..base + qpos + 1),
+            );
+        }
+        Self { slots, spans }
+    }
+
+    fn attend(&self, cache: &PagedKvCache, li: usize, q: &Tensor, scale: f64) -> Result<Tensor> {
+        use candle_core::Storage;
+        use rayon::prelude::*;
+        let (n, nh, hd) = q.dims3()?;
+        let (qst, ql) = q.storage_and_layout();
+        let (kst, kl) = cache.k[li].storage_and_layout();
+        let (vst, vl) = cache.v[li].storage_and_layout();
+        let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qst, &*kst, &*vst) else {
+            return Err(ModelError::KvCache(
+                "the token attention kernel needs CPU storage".into(),
+            ));
+        };
+        let (Some((q0, q1)), Some((k0, _)), Some((v0, _))) = (
+            ql.contiguous_offsets(),
+            kl.contiguous_offsets(),
+            vl.contiguous_offsets(),
+        ) else {
+            return Err(ModelError::KvCache(
+                "the token attention kernel needs contiguous queries and cache".into(),
+            ));
+        };
+        let qs = &qc.as_slice::<f32>()?[q0..q1];
+        let (ks, vs) = (&kc.as_slice::<f32>()?[k0..], &vc.as_slice::<f32>()?[v0..]);
+        let nkv = kl.dims()[1];
+        let groups = nh / nkv;
+        let scale = scale as f32;
+        let mut out = vec![0f32; n * nh * hd];
+        let arch = pulp::Arch::new();
+        // One task a token (all its kv heads): a decode step's tasks are each only a few
+        // hundred nanoseconds per head.
+        out.par_chunks_mut(nh * hd)
+            .enumerate()
+            .for_each(|(row, o)| {
+                let slots = &self.slots[self.spans[row].clone()];
+                for (h, o) in o.chunks_exact_mut(groups * hd).enumerate() {
+                    let heads = row * nh + h * groups;
+                    arch.dispatch(AttendHead {
+                        slots,
+                        q: &qs[heads * hd..(heads + groups) * hd],
+                        kv: KvRows {
+                            ks,
+                            vs,
+                            kv_head: h,
+                            nkv,
+                            hd,
+                        },
+                        scale,
+                        out: o,
+                    })
+                }
+            });
+        drop((qst, kst, vst));
+        Ok(Tensor::from_vec(out, (n, nh * hd), q.device())?)
+    }
+}
+
+/// Attention with candle ops, for any dtype or device: decode tokens (sequences bringing one
+/// new token) share one batched attention over their contexts padded to the longest
+/// ([`DecodeGroup`]); each prefill chunk attends on its own with an additive mask.
+struct TensorAttention {
+    /// Per prefill chunk: offset into the flat batch, start position, length, the slots of
+    /// its whole context and (unless every key is visible) its mask.
+    chunks: Vec<(usize, usize, usize, Tensor, Option<Tensor>)>,
+    decode: Option<DecodeGroup>,
+    /// The inverse permutation from the pieces' order (chunks, then the decode group) back to
+    /// batch order; `None` when they agree.
+    unpermute: Option<Tensor>,
+}
+
+impl TensorAttention {
+    fn new(
+        model: &Model,
+        cache: &PagedKvCache,
+        seqs: &[SeqInput<'_>],
+        device: &Device,
+    ) -> Result<Self> {
+        let mut offsets = Vec::with_capacity(seqs.len());
+        let mut offset = 0;
+        for s in seqs {
+            offsets.push(offset);
+            offset += s.tokens.len();
+        }
+        let decode = DecodeGroup::new(model, cache, seqs, &offsets, device)?;
+        let mut chunks = Vec::new();
+        for (s, &off) in seqs.iter().zip(&offsets) {
+            let (start, len) = (s.table.len, s.tokens.len());
+            if len == 1 && decode.is_some() {
+                continue;
+            }
+            let slots: Vec<u32> = (0..start + len)
+                .map(|p| cache.slot(s.table, p) as u32)
+                .collect();
+            chunks.push((
+                off,
+                start,
+                len,
+                Tensor::new(slots.as_slice(), device)?,
+                model.chunk_mask(start, len, device)?,
+            ));
+        }
+        let mut piece_rows: Vec<u32> = Vec::with_capacity(offset);
+        for (off, _, len, _, _) in &chunks {
+            piece_rows.extend((*off..off + len).map(|r| r as u32));
+        }
+        if let Some(d) = &decode {
+            piece_rows.extend(d.rows.iter().copied());
+        }
+        let unpermute = if piece_rows.iter().enumerate().all(|(i, &r)| i as u32 == r) {
+            None
+        } else {
+            let mut inv = vec![0u32; offset];
+            for (pos, &row) in piece_rows.iter().enumerate() {
+                inv[row as usize] = pos as u32;
+            }
+            Some(Tensor::new(inv.as_slice(), device)?)
+        };
+        Ok(Self {
+            chunks,
+            decode,
+            unpermute,
+        })
+    }
+
+    fn attend(&self, cache: &PagedKvCache, li: usize, q: &Tensor, scale: f64) -> Result<Tensor> {
+        let (_, nh, hd) = q.dims3()?;
+        let mut outs = Vec::with_capacity(self.chunks.len() + 1);
+        for (off, start, len, slots, mask) in &self.chunks {
+            let (kc, vc) = cache.gather(li, slots)?;
+            let nkv = kc.dim(1)?;
+            let groups = nh / nkv;
+            let ctx = start + len;
+            let kc = kc.transpose(0, 1)?.contiguous()?; // [nkv, ctx, hd]
+            let vc = vc.transpose(0, 1)?.contiguous()?;
+            // [len, nh, hd] -> [nkv, groups * len, hd]: query heads sharing a kv head
+            // become rows of one matmul.
+            let qs = q
+                .narrow(0, *off, *len)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((nkv, groups * len, hd))?;
+            let mut scores = (qs.matmul(&kc.t()?)? * scale)?;
+            if let Some(m) = mask {
+                scores = scores
+                    .reshape((nkv, groups, *len, ctx))?
+                    .broadcast_add(m)?
+                    .reshape((nkv, groups * len, ctx))?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let att = probs
+                .matmul(&vc)?
+                .reshape((nh, *len, hd))?
+                .transpose(0, 1)?
+                .reshape((*len, nh * hd))?;
+            outs.push(att);
+        }
+        if let Some(d) = &self.decode {
+            outs.push(d.attend(cache, li, q, scale)?);
+        }
+        let att = if outs.len() == 1 {
+            outs.pop().expect("one piece")
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        Ok(match &self.unpermute {
+            Some(inv) => att.index_select(inv, 0)?,
+            None => att,
+        })
+    }
+}
+
+/// The decode tokens of a batch (sequences bringing one new token), attended together with
+/// candle ops: their contexts are gathered into one `[B, kv_heads, max_ctx, head_dim]`
+/// tensor, padded positions masked out.
 struct DecodeGroup {
     /// Row of each decode token in the flat batch.
     rows: Vec<u32>,
@@ -387,36 +685,37 @@ struct DecodeGroup {
     /// Additive mask `[B, 1, 1, max_ctx]`.
     mask: Tensor,
     max_ctx: usize,
-    /// Per member: the first visible position (sliding window) and the context length.
-    spans: Vec<(usize, usize)>,
-    /// The same slots as `slots`, for the CPU kernel.
-    slot_list: Vec<u32>,
 }
 
 impl DecodeGroup {
     /// `None` when no sequence decodes. A lone decode token goes through the group too, so
-    /// its attention is computed the same way alone as beside others.
+    /// its attention is computed the same way alone as beside others. `offsets` are the
+    /// sequences' first rows in the flat batch.
     fn new(
         model: &Model,
         cache: &PagedKvCache,
         seqs: &[SeqInput<'_>],
-        plans: &[(usize, usize, usize, Tensor, Option<Tensor>)],
+        offsets: &[usize],
         device: &Device,
     ) -> Result<Option<Self>> {
-        let members: Vec<usize> = (0..plans.len()).filter(|&i| plans[i].2 == 1).collect();
+        let members: Vec<usize> = (0..seqs.len())
+            .filter(|&i| seqs[i].tokens.len() == 1)
+            .collect();
         if members.is_empty() {
             return Ok(None);
         }
-        let max_ctx = members.iter().map(|&i| plans[i].1 + 1).max().unwrap_or(1);
+        let max_ctx = members
+            .iter()
+            .map(|&i| seqs[i].table.len + 1)
+            .max()
+            .unwrap_or(1);
         let window = model.config.sliding_window.unwrap_or(usize::MAX);
         let neg = mask_value(model.dtype());
         let mut slots = Vec::with_capacity(members.len() * max_ctx);
         let mut mask = Vec::with_capacity(members.len() * max_ctx);
-        let mut spans = Vec::with_capacity(members.len());
         for &i in &members {
-            let ctx = plans[i].1 + 1;
-            let qpos = ctx - 1;
-            spans.push(((qpos + 1).saturating_sub(window), ctx));
+            let qpos = seqs[i].table.len;
+            let ctx = qpos + 1;
             let table = &*seqs[i].table;
             for p in 0..max_ctx {
                 let visible = p < ctx && qpos - p.min(qpos) < window;
@@ -424,7 +723,7 @@ impl DecodeGroup {
                 mask.push(if visible { 0.0 } else { neg });
             }
         }
-        let rows: Vec<u32> = members.iter().map(|&i| plans[i].0 as u32).collect();
+        let rows: Vec<u32> = members.iter().map(|&i| offsets[i] as u32).collect();
         let b = members.len();
         Ok(Some(Self {
             rows_t: Tensor::new(rows.as_slice(), device)?,
@@ -432,85 +731,11 @@ impl DecodeGroup {
             slots: Tensor::new(slots.as_slice(), device)?,
             mask: Tensor::from_vec(mask, (b, 1, 1, max_ctx), device)?.to_dtype(model.dtype())?,
             max_ctx,
-            spans,
-            slot_list: slots,
         }))
     }
 
-    /// Attention output `[B, heads * head_dim]` of the decode tokens at layer `li`: the CPU
-    /// f32 kernel when it applies, else candle ops.
+    /// Attention output `[B, heads * head_dim]` of the decode tokens at layer `li`.
     fn attend(&self, cache: &PagedKvCache, li: usize, q: &Tensor, scale: f64) -> Result<Tensor> {
-        if let Some(out) = self.attend_cpu_f32(cache, li, q, scale)? {
-            return Ok(out);
-        }
-        self.attend_tensors(cache, li, q, scale)
-    }
-
-    /// Paged attention straight from the cache storage, one task per (sequence, kv head):
-    /// reading keys and values through the slots, with no gather and no per-head matmul
-    /// calls (hundreds of tiny GEMMs per step otherwise dominate a decode step).
-    fn attend_cpu_f32(
-        &self,
-        cache: &PagedKvCache,
-        li: usize,
-        q: &Tensor,
-        scale: f64,
-    ) -> Result<Option<Tensor>> {
-        use candle_core::Storage;
-        use rayon::prelude::*;
-        if q.dtype() != DType::F32 || !q.device().is_cpu() {
-            return Ok(None);
-        }
-        let (_, nh, hd) = q.dims3()?;
-        let qd: Vec<f32> = q.index_select(&self.rows_t, 0)?.flatten_all()?.to_vec1()?;
-        let (kst, kl) = cache.k[li].storage_and_layout();
-        let (vst, vl) = cache.v[li].storage_and_layout();
-        let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*kst, &*vst) else {
-            return Ok(None);
-        };
-        let (Some((k0, _)), Some((v0, _))) = (kl.contiguous_offsets(), vl.contiguous_offsets())
-        else {
-            return Ok(None);
-        };
-        let (ks, vs) = (&kc.as_slice::<f32>()?[k0..], &vc.as_slice::<f32>()?[v0..]);
-        let nkv = kl.dims()[1];
-        let groups = nh / nkv;
-        let b = self.spans.len();
-        let scale = scale as f32;
-        let mut out = vec![0f32; b * nh * hd];
-        let arch = pulp::Arch::new();
-        out.par_chunks_mut(groups * hd)
-            .enumerate()
-            .for_each(|(task, o)| {
-                let (m, h) = (task / nkv, task % nkv);
-                let (first, ctx) = self.spans[m];
-                arch.dispatch(AttendHead {
-                    slots: &self.slot_list[m * self.max_ctx + first..m * self.max_ctx + ctx],
-                    q: &qd[(m * nh + h * groups) * hd..(m * nh + (h + 1) * groups) * hd],
-                    kv: KvRows {
-                        ks,
-                        vs,
-                        kv_head: h,
-                        nkv,
-                        hd,
-                    },
-                    scale,
-                    out: o,
-                })
-            });
-        drop((kst, vst));
-        Ok(Some(Tensor::from_vec(out, (b, nh * hd), q.device())?))
-    }
-
-    /// Attention output `[B, heads * head_dim]` of the decode tokens at layer `li`, with
-    /// candle ops (any dtype or device).
-    fn attend_tensors(
-        &self,
-        cache: &PagedKvCache,
-        li: usize,
-        q: &Tensor,
-        scale: f64,
-    ) -> Result<Tensor> {
         let (_, nh, hd) = q.dims3()?;
         let (b, m) = (self.rows.len(), self.max_ctx);
         let (kc, vc) = cache.gather(li, &self.slots)?; // [B * M, nkv, hd]
@@ -527,7 +752,7 @@ impl DecodeGroup {
     }
 }
 
-/// One decode token's attention for the query heads sharing one kv head, over its cached
+/// One token's attention for the query heads sharing one kv head, over its visible cached
 /// slots (f32 CPU cache), with the CPU's widest vectors (`pulp` dispatch): a plain
 /// `iter().sum()` dot product is one long dependency chain the compiler may not reorder.
 struct AttendHead<'a> {
@@ -605,7 +830,7 @@ impl pulp::WithSimd for AttendHead<'_> {
 #[inline(always)]
 fn softmax_rows(scores: &mut [f32], ctx: usize) {
     for sc in scores.chunks_exact_mut(ctx) {
-        let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = crate::sampling::max_of(sc);
         let mut lanes = [0f32; 16];
         let mut chunks = sc.chunks_exact_mut(16);
         for c in &mut chunks {

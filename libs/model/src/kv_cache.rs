@@ -78,7 +78,15 @@ impl PagedKvCache {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let mk = || Tensor::zeros(shape, dtype, device);
+        // Written through once on the CPU, so its pages are mapped now rather than faulted in
+        // (and zeroed, 2 MiB at a time with huge pages) inside serving steps.
+        let mk = || {
+            let t = Tensor::zeros(shape, dtype, device)?;
+            if device.is_cpu() {
+                t.zero_set()?;
+            }
+            Ok(t)
+        };
         let k = (0..cfg.num_hidden_layers)
             .map(|_| mk())
             .collect::<candle_core::Result<Vec<_>>>()?;

@@ -155,8 +155,21 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
 /// `ln Σ e^logits` (f64 sum of f32 terms), vectorised for the CPU at hand: one pass over a
 /// 150k vocabulary per sampled token was a libm `exp` call per entry before.
 fn log_sum_exp(logits: &[f32]) -> f32 {
-    pulp::Arch::new().dispatch(|| {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    pulp::Arch::new().dispatch(LogSumExp(logits))
+}
+
+/// [`log_sum_exp`]'s loop as a `pulp` operation: its `#[inline(always)]` body is compiled
+/// inside the dispatched function, for that instruction set (a closure passed to `dispatch`
+/// may stay a separate function, compiled for the baseline SSE2 only).
+struct LogSumExp<'a>(&'a [f32]);
+
+impl pulp::WithSimd for LogSumExp<'_> {
+    type Output = f32;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) -> f32 {
+        let logits = self.0;
+        let max = max_of(logits);
         let mut lanes = [0f64; 16];
         let mut chunks = logits.chunks_exact(16);
         for c in &mut chunks {
@@ -170,17 +183,53 @@ fn log_sum_exp(logits: &[f32]) -> f32 {
             .map(|&l| exp_nonpositive(l - max) as f64)
             .sum();
         (lanes.iter().sum::<f64>() + tail).ln() as f32 + max
-    })
+    }
 }
 
-fn argmax(xs: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
+/// The largest entry (NaNs ignored; −∞ when there is none), over 16 independent lanes so
+/// it vectorises (a plain `fold(f32::max)` is one long dependency chain).
+#[inline(always)]
+pub(crate) fn max_of(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
         }
     }
-    best
+    let rest = chunks.remainder().iter().copied();
+    lanes
+        .into_iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// The first index of the largest entry (NaNs ignored; 0 when every entry is NaN).
+fn argmax(xs: &[f32]) -> usize {
+    pulp::Arch::new().dispatch(Argmax(xs))
+}
+
+/// [`argmax`] for the CPU at hand: the maximum over lanes, then the first chunk holding it.
+struct Argmax<'a>(&'a [f32]);
+
+impl pulp::WithSimd for Argmax<'_> {
+    type Output = usize;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) -> usize {
+        let xs = self.0;
+        let max = max_of(xs);
+        for (k, c) in xs.chunks(16).enumerate() {
+            if c.iter().fold(false, |hit, &x| hit | (x == max)) {
+                let at = c
+                    .iter()
+                    .position(|&x| x == max)
+                    .expect("the chunk holds it");
+                return k * 16 + at;
+            }
+        }
+        0
+    }
 }
 
 /// Token ids that survive temperature, top-k, top-p and min-p, with their renormalised
@@ -244,8 +293,17 @@ impl Sampler {
             ));
         }
         let lse = log_sum_exp(logits);
-        let mut adjusted = logits.to_vec();
-        apply_penalties(&mut adjusted, &self.params, prompt, output);
+        let p = &self.params;
+        let adjusted = if p.repetition_penalty != 1.0
+            || p.frequency_penalty != 0.0
+            || p.presence_penalty != 0.0
+        {
+            let mut adjusted = logits.to_vec();
+            apply_penalties(&mut adjusted, p, prompt, output);
+            std::borrow::Cow::Owned(adjusted)
+        } else {
+            std::borrow::Cow::Borrowed(logits)
+        };
         let token = if self.params.temperature == 0.0 {
             argmax(&adjusted) as u32
         } else {
@@ -329,6 +387,34 @@ mod tests {
             h[s.sample(logits, &[], &[]).expect("sample").token as usize] += 1;
         }
         h
+    }
+
+    #[test]
+    fn argmax_takes_the_first_largest_entry_and_ignores_nans() {
+        let plain = |xs: &[f32]| {
+            let mut best = None;
+            for (i, &x) in xs.iter().enumerate() {
+                if !x.is_nan() && best.is_none_or(|b: usize| x > xs[b]) {
+                    best = Some(i);
+                }
+            }
+            best.unwrap_or(0)
+        };
+        let mut row: Vec<f32> = (0..4099)
+            .map(|i| ((i * 7919) % 1000) as f32 / 37.0)
+            .collect();
+        assert_eq!(argmax(&row), plain(&row));
+        // Ties keep the first; NaNs (first entry included) never win; the tail counts.
+        row[0] = f32::NAN;
+        row[17] = 100.0;
+        row[300] = 100.0;
+        row[301] = f32::NAN;
+        assert_eq!(argmax(&row), 17);
+        row[4098] = 101.0;
+        assert_eq!(argmax(&row), 4098);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, -1.0, f32::NEG_INFINITY]), 1);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+        assert_eq!(max_of(&row[..4098]), 100.0);
     }
 
     #[test]

@@ -28,11 +28,28 @@ fn amx_tolerance(want: &Tensor) -> f64 {
     2e-4 * f64::from(mag.max(1.0))
 }
 
+/// How far a logit of an f16 forward may be from another's: both round every activation to
+/// 11 bits (about 5e-4 relative), and their different operation orders compound that over
+/// the layers.
+fn half_tolerance(want: &Tensor) -> f64 {
+    let mag = want
+        .abs()
+        .and_then(|a| a.max_all()?.to_scalar::<f32>())
+        .expect("max");
+    1e-2 * f64::from(mag.max(1.0))
+}
+
 /// `packed`: the batched forward uses weights packed for serving (the training forward never
 /// does), so their products are checked against candle's: exact f32 products within 1e-4,
 /// AMX ones within [`amx_tolerance`].
 fn run_schedule(cfg: &ModelConfig, packed: Option<F32Products>) {
-    let map = common::random_weights(cfg, DType::F32, 2, 0.2);
+    run_schedule_in(cfg, packed, DType::F32);
+}
+
+/// [`run_schedule`] with the model and its cache in `dtype` (f32 attends with the CPU token
+/// kernel, other dtypes with candle ops).
+fn run_schedule_in(cfg: &ModelConfig, packed: Option<F32Products>, dtype: DType) {
+    let map = common::random_weights(cfg, dtype, 2, 0.2);
     let model = Model::new(cfg, &map).expect("model");
     let mut serving = model.clone();
     if let Some(products) = packed {
@@ -41,7 +58,7 @@ fn run_schedule(cfg: &ModelConfig, packed: Option<F32Products>) {
     }
     let on_amx = packed == Some(F32Products::Amx);
     // block 4, 9 blocks: A, B and C fill 8; D can only join after B's blocks come back.
-    let mut cache = PagedKvCache::new(cfg, 9, 4, DType::F32, &Device::Cpu).expect("cache");
+    let mut cache = PagedKvCache::new(cfg, 9, 4, dtype, &Device::Cpu).expect("cache");
     let spec = [(12, 5, 0), (7, 3, 0), (10, 6, 2), (9, 4, 5)];
     let mut seqs: Vec<Seq> = spec
         .iter()
@@ -105,10 +122,19 @@ fn run_schedule(cfg: &ModelConfig, packed: Option<F32Products>) {
             let full = model
                 .forward_train(&ids, None, None)
                 .expect("training forward");
-            let want = full.get(0).expect("row").get(upto - 1).expect("pos");
+            let want = full
+                .get(0)
+                .and_then(|r| r.get(upto - 1)?.to_dtype(DType::F32))
+                .expect("pos");
             let got = logits.get(row).expect("row");
             let d = common::max_abs_diff(&want, &got);
-            let tolerance = if on_amx { amx_tolerance(&want) } else { 1e-4 };
+            let tolerance = if on_amx {
+                amx_tolerance(&want)
+            } else if dtype == DType::F32 {
+                1e-4
+            } else {
+                half_tolerance(&want)
+            };
             assert!(
                 d < tolerance,
                 "seq {i} at position {}: max diff {d}",
@@ -170,6 +196,20 @@ fn batched_paged_decode_on_amx_matches_training_forward_within_its_error() {
     ) = (3, 1, 64);
     cfg.hidden_size = 64;
     run_schedule(&cfg, Some(F32Products::Amx));
+}
+
+#[test]
+fn batched_paged_decode_with_candle_attention_matches_training_forward() {
+    // An f16 model attends with candle ops (the path of GPUs and half precision): prefill
+    // chunks one by one with their masks, decode tokens as one padded group.
+    for (arch, window) in [
+        (Architecture::Llama, None),
+        (Architecture::Mistral, Some(3)),
+    ] {
+        let mut cfg = common::micro_config(arch, false);
+        cfg.sliding_window = window;
+        run_schedule_in(&cfg, None, DType::F16);
+    }
 }
 
 #[test]

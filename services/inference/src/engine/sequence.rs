@@ -208,13 +208,18 @@ impl Sequence {
         label: &str,
     ) -> lmforge_model::Result<Option<Finish>> {
         let generated = self.tokens.len() - self.prompt_len;
+        let suppress_stops = generated < self.min_tokens;
+        if self.logit_bias.is_empty() && !suppress_stops && self.constraint.is_none() {
+            // Nothing to adjust: sample from the forward's row as it is.
+            return self.sample_row(row, tokenizer, max_context, label);
+        }
         let mut row = row.to_vec();
         for &(id, bias) in &self.logit_bias {
             if let Some(x) = row.get_mut(id as usize) {
                 *x += bias;
             }
         }
-        if generated < self.min_tokens {
+        if suppress_stops {
             for &id in &self.stop_ids {
                 if let Some(x) = row.get_mut(id as usize) {
                     *x = f32::NEG_INFINITY;
@@ -230,8 +235,20 @@ impl Sequence {
             let remaining = by_length.min(max_context.saturating_sub(self.tokens.len()));
             constraint.mask(&mut row, remaining, &self.stop_ids);
         }
+        self.sample_row(&row, tokenizer, max_context, label)
+    }
+
+    /// Sample from `row` (biases, stop suppression and the constraint's mask applied), send
+    /// the token, and say whether the sequence is finished.
+    fn sample_row(
+        &mut self,
+        row: &[f32],
+        tokenizer: &TextTokenizer,
+        max_context: usize,
+        label: &str,
+    ) -> lmforge_model::Result<Option<Finish>> {
         let (prompt, output) = self.tokens.split_at(self.prompt_len);
-        let sampled = self.sampler.sample(&row, prompt, output)?;
+        let sampled = self.sampler.sample(row, prompt, output)?;
         if let Some(constraint) = &mut self.constraint {
             constraint.accept(sampled.token, &self.stop_ids);
         }
