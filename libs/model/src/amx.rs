@@ -107,24 +107,35 @@ impl Tiles {
         (self.data.len() * 64) as u64
     }
 
-    /// `xs [n, k] · wᵀ` → `[n, out]`.
-    pub(crate) fn product(&self, xs: &[f32], n: usize, k: usize, out: usize) -> Result<Tensor> {
-        let steps = self.steps;
-        assert_eq!(steps, k.div_ceil(KS));
+    /// `xs [n, k] · wᵀ` → `[n, out]` for each of several weights of `k` inputs (`(tiles,
+    /// out)`): the activation rows are split once, and one parallel pass shares the panels of
+    /// all the weights out among the rayon tasks (a layer's q, k and v, or gate and up, read
+    /// the same activations). Each result is the same as that weight's product alone.
+    pub(crate) fn products(
+        weights: &[(&Tiles, usize)],
+        xs: &[f32],
+        n: usize,
+        k: usize,
+    ) -> Result<Vec<Tensor>> {
+        let steps = k.div_ceil(KS);
+        assert!(weights.iter().all(|(t, _)| t.steps == steps));
         assert_eq!(xs.len(), n * k);
-        let panel_lines = steps * STEP_LINES;
-        let count = self.data.len() / panel_lines;
         let acts = Acts::new(xs, n, k, steps);
-        let width = count * PANEL;
-        let per_task = crate::packed::panels_per_task(count);
-        let group = (GROUP_BYTES / (panel_lines * 64)).clamp(1, per_task);
-        let res = kernel::multiply(&acts, &self.data, steps, per_task, group);
-        let t = Tensor::from_vec(res, (n, width), &Device::Cpu)?;
-        Ok(if width == out {
-            t
-        } else {
-            t.narrow(1, 0, out)?.contiguous()?
-        })
+        let data: Vec<&[Line]> = weights.iter().map(|(t, _)| &t.data[..]).collect();
+        let results = kernel::multiply(&acts, &data, steps);
+        results
+            .into_iter()
+            .zip(weights)
+            .map(|(res, &(_, out))| {
+                let width = res.len() / n.max(1);
+                let t = Tensor::from_vec(res, (n, width), &Device::Cpu)?;
+                Ok(if width == out {
+                    t
+                } else {
+                    t.narrow(1, 0, out)?.contiguous()?
+                })
+            })
+            .collect()
     }
 }
 
@@ -254,35 +265,47 @@ mod kernel {
     // SAFETY: as above.
     unsafe impl Sync for Out {}
 
-    /// `acts · wᵀ` for the tiles `data` (panels of `steps` steps), `per_task` panels a rayon
-    /// task, walked in groups of `group`: the `[n, panels · PANEL]` result.
-    pub(super) fn multiply(
-        acts: &Acts,
-        data: &[Line],
-        steps: usize,
-        per_task: usize,
-        group: usize,
-    ) -> Vec<f32> {
+    /// `acts · wᵀ` for each weight's tiles in `weights` (panels of `steps` steps): the
+    /// `[n, panels · PANEL]` results. The panels of all the weights, in order, are split into
+    /// one contiguous, even share per rayon task, each walked in groups that stay in L2 while
+    /// every row tile multiplies them.
+    pub(super) fn multiply(acts: &Acts, weights: &[&[Line]], steps: usize) -> Vec<Vec<f32>> {
         let panel_lines = steps * STEP_LINES;
-        let width = data.len() / panel_lines * PANEL;
-        let len = acts.n * width;
-        let mut res: Vec<f32> = Vec::with_capacity(len);
-        let out = Out {
-            ptr: res.as_mut_ptr(),
-            len,
-        };
-        data.par_chunks(per_task * panel_lines)
-            .enumerate()
-            .for_each(|(t, task)| {
-                for (g, chunk) in task.chunks(group * panel_lines).enumerate() {
-                    let first = t * per_task + g * group;
-                    product(acts, chunk, steps, &out, first * PANEL, width);
+        let counts: Vec<usize> = weights.iter().map(|d| d.len() / panel_lines).collect();
+        let total: usize = counts.iter().sum();
+        let per_task = crate::packed::panels_per_task(total).max(1);
+        let group = (super::GROUP_BYTES / (panel_lines * 64)).clamp(1, per_task);
+        let mut results: Vec<Vec<f32>> = counts
+            .iter()
+            .map(|c| Vec::with_capacity(acts.n * c * PANEL))
+            .collect();
+        let outs: Vec<Out> = results
+            .iter_mut()
+            .zip(&counts)
+            .map(|(res, c)| Out {
+                ptr: res.as_mut_ptr(),
+                len: acts.n * c * PANEL,
+            })
+            .collect();
+        (0..total.div_ceil(per_task)).into_par_iter().for_each(|t| {
+            let (first, end) = (t * per_task, ((t + 1) * per_task).min(total));
+            let mut base = 0;
+            for ((data, &count), out) in weights.iter().zip(&counts).zip(&outs) {
+                let (from, to) = (first.max(base), end.min(base + count));
+                for g in (from..to).step_by(group) {
+                    let (g0, g1) = (g - base, (g + group).min(to) - base);
+                    let chunk = &data[g0 * panel_lines..g1 * panel_lines];
+                    product(acts, chunk, steps, out, g0 * PANEL, count * PANEL);
                 }
-            });
-        // SAFETY: the tasks together cover every panel, and `product` stores all `n` rows of
-        // each of its panels' 64 columns: all `len` values are written.
-        unsafe { res.set_len(len) };
-        res
+                base += count;
+            }
+        });
+        for (res, c) in results.iter_mut().zip(&counts) {
+            // SAFETY: the tasks together cover every panel of every weight, and `product`
+            // stores all `n` rows of each of its panels' 64 columns: all values are written.
+            unsafe { res.set_len(acts.n * c * PANEL) };
+        }
+        results
     }
 
     /// Multiply every activation row of `acts` by the panels of `chunk` (each `steps` steps
@@ -511,13 +534,7 @@ mod kernel {
     pub(super) fn enable() -> bool {
         false
     }
-    pub(super) fn multiply(
-        _: &super::Acts,
-        _: &[super::Line],
-        _: usize,
-        _: usize,
-        _: usize,
-    ) -> Vec<f32> {
+    pub(super) fn multiply(_: &super::Acts, _: &[&[super::Line]], _: usize) -> Vec<Vec<f32>> {
         unreachable!("AMX is x86-64 only")
     }
     pub(super) fn convert_panel(_: &[f32], _: usize, _: &mut [super::Line]) {
@@ -646,6 +663,42 @@ mod tests {
             for n in [1, 2, 5, 16, 17] {
                 let some = on_amx(&w, &x.narrow(0, 0, n).unwrap());
                 assert_eq!(some, all[..n], "{n} rows");
+            }
+        });
+    }
+
+    #[test]
+    fn several_weights_in_one_pass_equal_each_product_alone() {
+        if !amx() {
+            return;
+        }
+        // Widths that end in partial panels, so tasks' shares straddle two weights; row counts
+        // of one, two and three row tiles.
+        on_narrow_pools(|| {
+            let dev = Device::Cpu;
+            let ws: Vec<Tensor> = [130, 64, 300]
+                .iter()
+                .map(|&out| Tensor::randn(0f32, 1., (out, 96), &dev).unwrap())
+                .collect();
+            let packed: Vec<PackedWeight> = ws
+                .iter()
+                .map(|w| PackedWeight::pack(w).unwrap().unwrap())
+                .collect();
+            let refs: Vec<&PackedWeight> = packed.iter().collect();
+            for n in [MIN_ROWS, 16, 33] {
+                let x = Tensor::randn(0f32, 1., (n, 96), &dev).unwrap();
+                let together = PackedWeight::matmul_t_many(&refs, &x).unwrap();
+                assert_eq!(together.len(), ws.len());
+                for (w, y) in ws.iter().zip(&together) {
+                    assert_eq!(y.to_vec2::<f32>().unwrap(), on_amx(w, &x), "{n} rows");
+                }
+                // A strided input is copied, and multiplied the same.
+                let xt = x.t().unwrap().contiguous().unwrap().t().unwrap();
+                let strided = PackedWeight::matmul_t_many(&refs, &xt).unwrap();
+                assert_eq!(
+                    strided[2].to_vec2::<f32>().unwrap(),
+                    together[2].to_vec2::<f32>().unwrap()
+                );
             }
         });
     }

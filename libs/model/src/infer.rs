@@ -70,6 +70,17 @@ impl pulp::WithSimd for SiluMul<'_> {
     }
 }
 
+/// [`Proj::forward_serving_many`] of `N` projections, as an array.
+fn serving_products<const N: usize>(
+    projs: &[&crate::linear::Proj; N],
+    x: &Tensor,
+) -> Result<[Tensor; N]> {
+    let ys = crate::linear::Proj::forward_serving_many(projs, x)?;
+    Ok(ys
+        .try_into()
+        .expect("forward_serving_many returns one tensor a projection"))
+}
+
 /// Keeps the rayon pool's other workers awake, taking work, until dropped.
 ///
 /// Between two products of a decode step the forward thread runs a few small ops (tens of
@@ -264,9 +275,7 @@ impl Model {
             .index_select(&Tensor::new(ids.as_slice(), &device)?, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let q = layer.q.forward_serving(&h)?;
-            let k = layer.k.forward_serving(&h)?;
-            let v = layer.v.forward_serving(&h)?;
+            let [q, k, v] = serving_products(&[&layer.q, &layer.k, &layer.v], &h)?;
             let q = match &kv_write {
                 KvWrite::Rows { cos, sin } => {
                     let rope = Rope {
@@ -296,8 +305,7 @@ impl Model {
             let att = attention.attend(cache, li, &q, scale)?;
             x = (x + layer.o.forward_serving(&att)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
-            let g = layer.gate.forward_serving(&h)?;
-            let u = layer.up.forward_serving(&h)?;
+            let [g, u] = serving_products(&[&layer.gate, &layer.up], &h)?;
             x = (x + layer.down.forward_serving(&silu_mul(&g, &u)?)?)?;
         }
         let mut last = Vec::with_capacity(seqs.len());

@@ -94,6 +94,43 @@ impl Proj {
         self.apply(x, None, true)
     }
 
+    /// [`Self::forward_serving`] of several projections of the same input (a layer's q, k
+    /// and v, or gate and up): their packed products in one pass where all of them have
+    /// plain packed weights ([`PackedWeight::matmul_t_many`]), each on its own otherwise.
+    /// Each result equals that projection's `forward_serving`.
+    ///
+    /// [`PackedWeight::matmul_t_many`]: crate::packed::PackedWeight::matmul_t_many
+    pub fn forward_serving_many(projs: &[&Proj], x: &Tensor) -> Result<Vec<Tensor>> {
+        let packed: Option<Vec<&crate::packed::PackedWeight>> = projs
+            .iter()
+            .map(|p| match &p.packed {
+                Some(w) if p.quantized.is_none() && p.lora.is_none() => Some(&**w),
+                _ => None,
+            })
+            .collect();
+        let rows = match x.dims() {
+            [n, _] => *n,
+            _ => usize::MAX,
+        };
+        match packed {
+            Some(ws)
+                if ws
+                    .iter()
+                    .all(|w| w.takes_every_row() || rows <= w.max_rows()) =>
+            {
+                let ys = crate::packed::PackedWeight::matmul_t_many(&ws, x)?;
+                ys.into_iter()
+                    .zip(projs)
+                    .map(|(y, p)| match &p.bias {
+                        Some(b) => Ok(y.broadcast_add(b)?),
+                        None => Ok(y),
+                    })
+                    .collect()
+            }
+            _ => projs.iter().map(|p| p.forward_serving(x)).collect(),
+        }
+    }
+
     fn apply(&self, x: &Tensor, rng: Option<&mut Rng>, serving: bool) -> Result<Tensor> {
         // A released float weight (`quant::release_float_weights`) leaves the packed copy for
         // every forward, whatever the rank of `x`.

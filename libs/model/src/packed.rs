@@ -415,18 +415,53 @@ impl PackedWeight {
     /// [`Self::matmul_t`] on AMX whatever the number of rows; only where
     /// [`crate::amx::available`].
     pub fn matmul_t_amx(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, xk) = x.dims2()?;
-        let Some(tiles) = &self.amx else {
-            return Err(ModelError::input("x", "no AMX on this CPU"));
-        };
-        if xk != self.k {
-            return Err(ModelError::input(
-                "x",
-                format!("packed weight takes {} inputs, got {xk}", self.k),
-            ));
+        let mut ys = Self::matmul_t_amx_many(&[self], x)?;
+        Ok(ys.pop().expect("one product for one weight"))
+    }
+
+    /// `x [n, in] · wᵀ` for each of several weights with the same input width: on AMX in one
+    /// pass ([`crate::amx`]; the rows are split into bf16 halves once for all of them) from
+    /// [`crate::amx::MIN_ROWS`] rows where every weight has tiles, each on its own
+    /// [`Self::matmul_t`] otherwise. Each result equals that weight's `matmul_t`.
+    pub fn matmul_t_many(weights: &[&PackedWeight], x: &Tensor) -> Result<Vec<Tensor>> {
+        match x.dims2() {
+            Ok((n, xk))
+                if n >= crate::amx::MIN_ROWS
+                    && weights.iter().all(|w| w.amx.is_some() && w.k == xk) =>
+            {
+                Self::matmul_t_amx_many(weights, x)
+            }
+            _ => weights.iter().map(|w| w.matmul_t(x)).collect(),
         }
+    }
+
+    /// [`Self::matmul_t_many`] on AMX whatever the number of rows.
+    fn matmul_t_amx_many(weights: &[&PackedWeight], x: &Tensor) -> Result<Vec<Tensor>> {
+        use candle_core::Storage;
+        let (n, xk) = x.dims2()?;
+        let mut tiles = Vec::with_capacity(weights.len());
+        for w in weights {
+            let Some(t) = &w.amx else {
+                return Err(ModelError::input("x", "no AMX on this CPU"));
+            };
+            if xk != w.k {
+                return Err(ModelError::input(
+                    "x",
+                    format!("packed weight takes {} inputs, got {xk}", w.k),
+                ));
+            }
+            tiles.push((t, w.out));
+        }
+        // A contiguous f32 CPU input is read in place; anything else is copied once.
+        let (storage, layout) = x.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets())
+            && let Ok(xs) = cpu.as_slice::<f32>()
+        {
+            return crate::amx::Tiles::products(&tiles, &xs[start..end], n, xk);
+        }
+        drop(storage);
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        tiles.product(&xs, n, self.k, self.out)
+        crate::amx::Tiles::products(&tiles, &xs, n, xk)
     }
 
     /// [`Self::matmul_t`] on the FMA kernels whatever the number of rows.
