@@ -251,7 +251,7 @@ impl Model {
             .collect();
         // Attention of every new token over its own sequence's cached context. On the CPU in
         // f32, rotary embedding and the cache writes are single passes too.
-        let (attention, kv_write) = if self.dtype() == DType::F32 && device.is_cpu() {
+        let (attention, kv_write) = if self.dtype() == DType::F32 && cache.keys_by_block {
             let rows = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
             (
                 Attention::Tokens(TokenAttention::new(self, cache, seqs)),
@@ -283,12 +283,18 @@ impl Model {
                         sin,
                         head_dim: hd,
                     };
-                    let write = |rope| WriteRows {
+                    let keys = WriteRows {
                         slots: &new_slots,
-                        rope,
+                        rope: Some(rope),
+                        by_block: true,
                     };
-                    cache.k[li].inplace_op2(&k.contiguous()?, &write(Some(rope)))?;
-                    cache.v[li].inplace_op2(&v.contiguous()?, &write(None))?;
+                    let values = WriteRows {
+                        slots: &new_slots,
+                        rope: None,
+                        by_block: false,
+                    };
+                    cache.k[li].inplace_op2(&k.contiguous()?, &keys)?;
+                    cache.v[li].inplace_op2(&v.contiguous()?, &values)?;
                     rotate_rows(&q, rope)?.reshape((n, nh, hd))?
                 }
                 KvWrite::Scatter(index) => {
@@ -407,11 +413,14 @@ fn rotate_rows(x: &Tensor, rope: Rope<'_>) -> Result<Tensor> {
 }
 
 /// Writes token `i`'s row of `[n, kv_heads · head_dim]` (f32, CPU) into cache slot `slots[i]`
-/// of a `[slots, kv_heads, head_dim]` cache tensor in place, rotating its heads first when
-/// `rope` is given: one pass instead of a rotation, copies and a scatter.
+/// in place, rotating its heads first when `rope` is given: one pass instead of a rotation,
+/// copies and a scatter. The cache tensor is `[slots, kv_heads, head_dim]` (values), or with
+/// `by_block` `[blocks, kv_heads, head_dim, block_size]` (keys, see
+/// [`PagedKvCache::keys_by_block`]).
 struct WriteRows<'a> {
     slots: &'a [u32],
     rope: Option<Rope<'a>>,
+    by_block: bool,
 }
 
 impl candle_core::InplaceOp2 for WriteRows<'_> {
@@ -436,7 +445,13 @@ impl candle_core::InplaceOp2 for WriteRows<'_> {
         ) else {
             candle_core::bail!("write-kv-rows: contiguous cache and rows only");
         };
-        let width: usize = cache_layout.dims()[1..].iter().product();
+        let dims = cache_layout.dims();
+        // Slots per block (1 for the row layout: a "block" is one slot) and values a slot.
+        let (block, width) = if self.by_block {
+            (dims[3], dims[1] * dims[2])
+        } else {
+            (1, dims[1..].iter().product())
+        };
         let (dst, src) = (&mut dst[d0..d1], &src[s0..s1]);
         if src.len() != self.slots.len() * width {
             candle_core::bail!(
@@ -445,14 +460,25 @@ impl candle_core::InplaceOp2 for WriteRows<'_> {
                 self.slots.len()
             );
         }
+        let mut rotated = vec![0f32; if self.rope.is_some() { width } else { 0 }];
         for (row, (&slot, s)) in self.slots.iter().zip(src.chunks_exact(width)).enumerate() {
-            let at = slot as usize * width;
-            let Some(d) = dst.get_mut(at..at + width) else {
+            let (b, lane) = (slot as usize / block, slot as usize % block);
+            let Some(d) = dst.get_mut(b * width * block..(b + 1) * width * block) else {
                 candle_core::bail!("write-kv-rows: slot {slot} outside the cache");
             };
-            match &self.rope {
-                Some(rope) => rope.rotate(row, s, d),
-                None => d.copy_from_slice(s),
+            let s = match &self.rope {
+                Some(rope) => {
+                    rope.rotate(row, s, &mut rotated);
+                    &rotated[..]
+                }
+                None => s,
+            };
+            if block == 1 {
+                d.copy_from_slice(s);
+            } else {
+                for (i, &x) in s.iter().enumerate() {
+                    d[i * block + lane] = x;
+                }
             }
         }
         Ok(())
@@ -477,38 +503,42 @@ impl Attention {
     }
 }
 
-/// Paged attention straight from an f32 CPU cache: one task per (new token, kv head), reading
-/// that token's visible keys and values through its sequence's slots, with no gather, mask or
+/// Paged attention straight from an f32 CPU cache: one task per new token, reading that
+/// token's visible keys and values block by block ([`AttendHead`]), with no gather, mask or
 /// per-head matmul calls (hundreds of tiny GEMMs and copies per step otherwise dominate both
 /// decode steps and short prefill chunks). A prefill chunk's tokens are attended like decode
 /// tokens, each over the context up to its own position, so a token's attention is the same
 /// computation whether it comes in a prompt or alone, and whatever else is in the batch.
 struct TokenAttention {
-    /// Each sequence's context slots (positions `0..start + len`), one after another.
-    slots: Vec<u32>,
-    /// Per token, in batch order: its visible slots (causal, and within a sliding window), a
-    /// range of `slots`.
-    spans: Vec<std::ops::Range<usize>>,
+    /// Each sequence's blocks, one table after another.
+    blocks: Vec<u32>,
+    /// Per token, in batch order: its sequence's blocks (a range of `blocks`) and its visible
+    /// positions (causal, and within a sliding window).
+    tokens: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    block_size: usize,
 }
 
 impl TokenAttention {
     /// `seqs`' blocks are reserved for their new tokens; `table.len` is still their start.
     fn new(model: &Model, cache: &PagedKvCache, seqs: &[SeqInput<'_>]) -> Self {
         let window = model.config.sliding_window.unwrap_or(usize::MAX);
-        let tokens = seqs.iter().map(|s| s.tokens.len()).sum();
-        let mut slots =
-            Vec::with_capacity(seqs.iter().map(|s| s.table.len).sum::<usize>() + tokens);
-        let mut spans = Vec::with_capacity(tokens);
+        let mut blocks = Vec::with_capacity(seqs.iter().map(|s| s.table.blocks.len()).sum());
+        let mut tokens = Vec::with_capacity(seqs.iter().map(|s| s.tokens.len()).sum());
         for s in seqs {
-            let base = slots.len();
+            let base = blocks.len();
+            blocks.extend_from_slice(&s.table.blocks);
+            let table = base..blocks.len();
             let (start, len) = (s.table.len, s.tokens.len());
-            slots.extend((0..start + len).map(|p| cache.slot(s.table, p) as u32));
-            spans.extend(
+            tokens.extend(
                 (start..start + len)
-                    .map(|qpos| base + (qpos + 1).saturating_sub(window)..base + qpos + 1),
+                    .map(|qpos| (table.clone(), (qpos + 1).saturating_sub(window)..qpos + 1)),
             );
         }
-        Self { slots, spans }
+        Self {
+            blocks,
+            tokens,
+            block_size: cache.block_size,
+        }
     }
 
     fn attend(&self, cache: &PagedKvCache, li: usize, q: &Tensor, scale: f64) -> Result<Tensor> {
@@ -534,7 +564,7 @@ impl TokenAttention {
         };
         let qs = &qc.as_slice::<f32>()?[q0..q1];
         let (ks, vs) = (&kc.as_slice::<f32>()?[k0..], &vc.as_slice::<f32>()?[v0..]);
-        let nkv = kl.dims()[1];
+        let nkv = vl.dims()[1];
         let groups = nh / nkv;
         let scale = scale as f32;
         let mut out = vec![0f32; n * nh * hd];
@@ -544,18 +574,20 @@ impl TokenAttention {
         out.par_chunks_mut(nh * hd)
             .enumerate()
             .for_each(|(row, o)| {
-                let slots = &self.slots[self.spans[row].clone()];
+                let (table, visible) = &self.tokens[row];
                 for (h, o) in o.chunks_exact_mut(groups * hd).enumerate() {
                     let heads = row * nh + h * groups;
                     arch.dispatch(AttendHead {
-                        slots,
+                        blocks: &self.blocks[table.clone()],
+                        visible: visible.clone(),
                         q: &qs[heads * hd..(heads + groups) * hd],
-                        kv: KvRows {
+                        kv: KvBlocks {
                             ks,
                             vs,
                             kv_head: h,
                             nkv,
                             hd,
+                            block: self.block_size,
                         },
                         scale,
                         out: o,
@@ -761,44 +793,45 @@ impl DecodeGroup {
 }
 
 /// One token's attention for the query heads sharing one kv head, over its visible cached
-/// slots (f32 CPU cache), with the CPU's widest vectors (`pulp` dispatch): a plain
-/// `iter().sum()` dot product is one long dependency chain the compiler may not reorder.
+/// positions (f32 CPU cache), with the CPU's widest vectors (`pulp` dispatch).
 struct AttendHead<'a> {
-    slots: &'a [u32],
+    /// The sequence's blocks, in position order.
+    blocks: &'a [u32],
+    /// The positions this token sees.
+    visible: std::ops::Range<usize>,
     /// The group's query heads, `[groups, hd]`.
     q: &'a [f32],
-    kv: KvRows<'a>,
+    kv: KvBlocks<'a>,
     scale: f32,
     /// `[groups, hd]`, zeroed.
     out: &'a mut [f32],
 }
 
-/// One kv head's rows in the f32 cache storage (`[slots, nkv, hd]`).
-struct KvRows<'a> {
+/// One kv head's keys (`[blocks, nkv, hd, block]`, see [`PagedKvCache::keys_by_block`]) and
+/// values (`[slots, nkv, hd]`) in the f32 cache storage.
+struct KvBlocks<'a> {
     ks: &'a [f32],
     vs: &'a [f32],
     kv_head: usize,
     nkv: usize,
     hd: usize,
+    block: usize,
 }
 
-impl KvRows<'_> {
+impl KvBlocks<'_> {
+    /// Block `b`'s keys of this head, `[hd, block]`: row `d` holds dimension `d` of every
+    /// position in the block.
     #[inline(always)]
-    fn at(&self, slot: u32) -> std::ops::Range<usize> {
-        let at = (slot as usize * self.nkv + self.kv_head) * self.hd;
-        at..at + self.hd
-    }
-
-    /// The key cached in `slot`.
-    #[inline(always)]
-    fn key(&self, slot: u32) -> &[f32] {
-        &self.ks[self.at(slot)]
+    fn keys(&self, b: u32) -> &[f32] {
+        let at = (b as usize * self.nkv + self.kv_head) * self.hd * self.block;
+        &self.ks[at..at + self.hd * self.block]
     }
 
     /// The value cached in `slot`.
     #[inline(always)]
-    fn value(&self, slot: u32) -> &[f32] {
-        &self.vs[self.at(slot)]
+    fn value(&self, slot: usize) -> &[f32] {
+        let at = (slot * self.nkv + self.kv_head) * self.hd;
+        &self.vs[at..at + self.hd]
     }
 }
 
@@ -809,7 +842,7 @@ impl pulp::WithSimd for AttendHead<'_> {
     fn with_simd<S: pulp::Simd>(self, simd: S) {
         let hd = self.kv.hd;
         let g = self.q.len() / hd;
-        if self.slots.is_empty() {
+        if self.visible.is_empty() {
             return;
         }
         if hd.is_multiple_of(S::F32_LANES) {
@@ -833,75 +866,114 @@ impl pulp::WithSimd for AttendHead<'_> {
     }
 }
 
-/// Each row of `scores` (`ctx` wide) turned into its softmax in place, with the vectorised
-/// exp of the sampler.
+/// `sc` turned into its softmax in place, with the vectorised exp of the sampler.
 #[inline(always)]
-fn softmax_rows(scores: &mut [f32], ctx: usize) {
-    for sc in scores.chunks_exact_mut(ctx) {
-        let max = crate::sampling::max_of(sc);
-        let mut lanes = [0f32; 16];
-        let mut chunks = sc.chunks_exact_mut(16);
-        for c in &mut chunks {
-            for (acc, s) in lanes.iter_mut().zip(c) {
-                *s = crate::sampling::exp_nonpositive(*s - max);
-                *acc += *s;
-            }
-        }
-        let mut total = 0f32;
-        for s in chunks.into_remainder() {
+fn softmax(sc: &mut [f32]) {
+    let max = crate::sampling::max_of(sc);
+    let mut lanes = [0f32; 16];
+    let mut chunks = sc.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for (acc, s) in lanes.iter_mut().zip(c) {
             *s = crate::sampling::exp_nonpositive(*s - max);
-            total += *s;
+            *acc += *s;
         }
-        let inv = 1.0 / (lanes.iter().sum::<f32>() + total);
-        for s in sc.iter_mut() {
-            *s *= inv;
-        }
+    }
+    let mut total = 0f32;
+    for s in chunks.into_remainder() {
+        *s = crate::sampling::exp_nonpositive(*s - max);
+        total += *s;
+    }
+    let inv = 1.0 / (lanes.iter().sum::<f32>() + total);
+    for s in sc.iter_mut() {
+        *s *= inv;
     }
 }
 
 impl AttendHead<'_> {
-    /// `V` vectors a head, `G` query heads: each cached key and value row is loaded once
-    /// into registers for the whole group, the queries and the outputs stay in registers.
+    /// The blocks holding the visible positions, the first position of the first of them,
+    /// and how many positions those blocks span.
+    fn span(&self) -> (&[u32], usize, usize) {
+        let bs = self.kv.block;
+        let (b0, b1) = (self.visible.start / bs, (self.visible.end - 1) / bs);
+        (&self.blocks[b0..=b1], b0 * bs, (b1 + 1 - b0) * bs)
+    }
+
+    /// `[groups, span]` scaled scores of every position of the visible blocks (`G` query
+    /// heads): each dimension of a block's keys is one row of the block, so with blocks of
+    /// one vector's width a block's scores are `hd` broadcast FMAs a head, with no
+    /// horizontal sums; other block sizes take plain loops.
     #[inline(always)]
-    fn fixed<S: pulp::Simd, const V: usize, const G: usize>(self, simd: S) {
-        let AttendHead {
-            slots,
-            q,
-            kv,
-            scale,
-            out,
-        } = self;
-        let hd = kv.hd;
-        let vecs = |row: &[f32]| -> [S::f32s; V] {
-            let (v, _) = S::as_simd_f32s(row);
-            std::array::from_fn(|i| v[i])
-        };
-        let qv: [[S::f32s; V]; G] = std::array::from_fn(|h| vecs(&q[h * hd..(h + 1) * hd]));
-        let ctx = slots.len();
-        let mut scores = vec![0f32; G * ctx];
-        for (j, &slot) in slots.iter().enumerate() {
-            let k = vecs(kv.key(slot));
-            for h in 0..G {
-                let mut acc = simd.mul_f32s(qv[h][0], k[0]);
-                for v in 1..V {
-                    acc = simd.mul_add_e_f32s(qv[h][v], k[v], acc);
+    fn scores<S: pulp::Simd, const G: usize>(&self, simd: S) -> Vec<f32> {
+        let (blocks, _, span) = self.span();
+        let (hd, bs) = (self.kv.hd, self.kv.block);
+        let mut scores = vec![0f32; G * span];
+        if bs == S::F32_LANES {
+            for (bi, &b) in blocks.iter().enumerate() {
+                let keys = self.kv.keys(b);
+                let mut acc = [simd.splat_f32s(0.0); G];
+                for (d, row) in keys.chunks_exact(bs).enumerate() {
+                    let (k, _) = S::as_simd_f32s(row);
+                    for (h, acc) in acc.iter_mut().enumerate() {
+                        *acc = simd.mul_add_e_f32s(simd.splat_f32s(self.q[h * hd + d]), k[0], *acc);
+                    }
                 }
-                scores[h * ctx + j] = simd.reduce_sum_f32s(acc) * scale;
+                for (h, acc) in acc.iter().enumerate() {
+                    let scaled = simd.mul_f32s(*acc, simd.splat_f32s(self.scale));
+                    let at = h * span + bi * bs;
+                    let (o, _) = S::as_mut_simd_f32s(&mut scores[at..at + bs]);
+                    o[0] = scaled;
+                }
+            }
+        } else {
+            for (bi, &b) in blocks.iter().enumerate() {
+                let keys = self.kv.keys(b);
+                for h in 0..G {
+                    let sc = &mut scores[h * span + bi * bs..h * span + (bi + 1) * bs];
+                    for (d, row) in keys.chunks_exact(bs).enumerate() {
+                        let qd = self.q[h * hd + d];
+                        for (s, &k) in sc.iter_mut().zip(row) {
+                            *s += qd * k;
+                        }
+                    }
+                    for s in sc.iter_mut() {
+                        *s *= self.scale;
+                    }
+                }
             }
         }
-        softmax_rows(&mut scores, ctx);
+        scores
+    }
+
+    /// The slot of visible position `p`.
+    #[inline(always)]
+    fn slot(&self, p: usize) -> usize {
+        let bs = self.kv.block;
+        self.blocks[p / bs] as usize * bs + p % bs
+    }
+
+    /// `V` vectors a head, `G` query heads: each cached value row is loaded once into
+    /// registers for the whole group, the outputs stay in registers.
+    #[inline(always)]
+    fn fixed<S: pulp::Simd, const V: usize, const G: usize>(self, simd: S) {
+        let hd = self.kv.hd;
+        let (_, first, span) = self.span();
+        let mut scores = self.scores::<S, G>(simd);
+        let (lo, hi) = (self.visible.start - first, self.visible.end - first);
+        for sc in scores.chunks_exact_mut(span) {
+            softmax(&mut sc[lo..hi]);
+        }
         let mut acc = [[simd.splat_f32s(0.0); V]; G];
-        for (j, &slot) in slots.iter().enumerate() {
-            let v_row = vecs(kv.value(slot));
+        for p in self.visible.clone() {
+            let (v_row, _) = S::as_simd_f32s(self.kv.value(self.slot(p)));
             for h in 0..G {
-                let w = simd.splat_f32s(scores[h * ctx + j]);
+                let w = simd.splat_f32s(scores[h * span + p - first]);
                 for v in 0..V {
                     acc[h][v] = simd.mul_add_e_f32s(w, v_row[v], acc[h][v]);
                 }
             }
         }
         for (h, acc) in acc.iter().enumerate() {
-            let (o, _) = S::as_mut_simd_f32s(&mut out[h * hd..(h + 1) * hd]);
+            let (o, _) = S::as_mut_simd_f32s(&mut self.out[h * hd..(h + 1) * hd]);
             o[..V].copy_from_slice(acc);
         }
     }
@@ -909,37 +981,34 @@ impl AttendHead<'_> {
     /// Any head width and group size.
     #[inline(always)]
     fn any<S: pulp::Simd>(self, simd: S) {
-        let AttendHead {
-            slots,
-            q,
-            kv,
-            scale,
-            out,
-        } = self;
-        let hd = kv.hd;
-        let dot = |a: &[f32], b: &[f32]| {
-            let (av, at) = S::as_simd_f32s(a);
-            let (bv, bt) = S::as_simd_f32s(b);
-            let mut acc = simd.splat_f32s(0.0);
-            for (x, y) in av.iter().zip(bv) {
-                acc = simd.mul_add_e_f32s(*x, *y, acc);
-            }
-            simd.reduce_sum_f32s(acc) + at.iter().zip(bt).map(|(x, y)| x * y).sum::<f32>()
-        };
-        // Each cached key and value row is read once for all the group's query heads.
-        let ctx = slots.len();
-        let mut scores = vec![0f32; q.len() / hd * ctx];
-        for (j, &slot) in slots.iter().enumerate() {
-            let k = kv.key(slot);
-            for (qv, sc) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(ctx)) {
-                sc[j] = dot(qv, k) * scale;
+        let hd = self.kv.hd;
+        let groups = self.q.len() / hd;
+        let (blocks, first, span) = self.span();
+        let bs = self.kv.block;
+        // Scores with plain loops over each block's rows (see `scores`).
+        let mut scores = vec![0f32; groups * span];
+        for (bi, &b) in blocks.iter().enumerate() {
+            let keys = self.kv.keys(b);
+            for (h, q) in self.q.chunks_exact(hd).enumerate() {
+                let sc = &mut scores[h * span + bi * bs..h * span + (bi + 1) * bs];
+                for (row, &qd) in keys.chunks_exact(bs).zip(q) {
+                    for (s, &k) in sc.iter_mut().zip(row) {
+                        *s += qd * k;
+                    }
+                }
             }
         }
-        softmax_rows(&mut scores, ctx);
-        for (j, &slot) in slots.iter().enumerate() {
-            let (vv, vt) = S::as_simd_f32s(kv.value(slot));
-            for (acc, sc) in out.chunks_exact_mut(hd).zip(scores.chunks_exact(ctx)) {
-                let w = sc[j];
+        let (lo, hi) = (self.visible.start - first, self.visible.end - first);
+        for sc in scores.chunks_exact_mut(span) {
+            for s in &mut sc[lo..hi] {
+                *s *= self.scale;
+            }
+            softmax(&mut sc[lo..hi]);
+        }
+        for p in self.visible.clone() {
+            let (vv, vt) = S::as_simd_f32s(self.kv.value(self.slot(p)));
+            for (acc, sc) in self.out.chunks_exact_mut(hd).zip(scores.chunks_exact(span)) {
+                let w = sc[p - first];
                 let wv = simd.splat_f32s(w);
                 let (accv, acct) = S::as_mut_simd_f32s(acc);
                 for (a, v) in accv.iter_mut().zip(vv) {

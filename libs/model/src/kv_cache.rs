@@ -7,7 +7,7 @@
 //! empty [`BlockTable`] and leave by [`PagedKvCache::release`]: no other sequence's cache is
 //! copied or moved, and freed blocks are reused by the next sequence that needs one.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -54,8 +54,16 @@ pub struct BlockTable {
 #[derive(Debug)]
 pub struct PagedKvCache {
     pub block_size: usize,
+    /// Keys: `[slots, kv_heads, head_dim]`, or with [`Self::keys_by_block`]
+    /// `[blocks, kv_heads, head_dim, block_size]`.
     pub(crate) k: Vec<Tensor>,
+    /// Values: `[slots, kv_heads, head_dim]`.
     pub(crate) v: Vec<Tensor>,
+    /// An f32 CPU cache stores each block's keys transposed, one head's `[head_dim,
+    /// block_size]` at a time, so the serving forward's attention kernel multiplies a query by
+    /// a whole block of keys with vector loads and no horizontal sums (vLLM's CPU key layout
+    /// is blocked the same way).
+    pub(crate) keys_by_block: bool,
     allocator: BlockAllocator,
 }
 
@@ -73,14 +81,17 @@ impl PagedKvCache {
                 "block_size and num_blocks must be positive".into(),
             ));
         }
-        let shape = (
-            num_blocks * block_size,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let (nkv, hd) = (cfg.num_key_value_heads, cfg.head_dim);
+        let keys_by_block = device.is_cpu() && dtype == DType::F32;
+        let rows = Shape::from((num_blocks * block_size, nkv, hd));
+        let key_shape = if keys_by_block {
+            Shape::from((num_blocks, nkv, hd, block_size))
+        } else {
+            rows.clone()
+        };
         // Written through once on the CPU, so its pages are mapped now rather than faulted in
         // (and zeroed, 2 MiB at a time with huge pages) inside serving steps.
-        let mk = || {
+        let mk = |shape: &Shape| {
             let t = Tensor::zeros(shape, dtype, device)?;
             if device.is_cpu() {
                 t.zero_set()?;
@@ -88,15 +99,16 @@ impl PagedKvCache {
             Ok(t)
         };
         let k = (0..cfg.num_hidden_layers)
-            .map(|_| mk())
+            .map(|_| mk(&key_shape))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let v = (0..cfg.num_hidden_layers)
-            .map(|_| mk())
+            .map(|_| mk(&rows))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             block_size,
             k,
             v,
+            keys_by_block,
             allocator: BlockAllocator::new(num_blocks),
         })
     }
@@ -144,8 +156,14 @@ impl PagedKvCache {
         table.blocks[pos / self.block_size] as usize * self.block_size + pos % self.block_size
     }
 
-    /// Keys and values `[ctx, kv_heads, head_dim]` at `slots` (a u32 tensor of slot ids).
+    /// Keys and values `[ctx, kv_heads, head_dim]` at `slots` (a u32 tensor of slot ids);
+    /// not for keys stored by block.
     pub(crate) fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
+        if self.keys_by_block {
+            return Err(ModelError::KvCache(
+                "an f32 CPU cache is read by the token attention kernel only".into(),
+            ));
+        }
         Ok((
             self.k[layer].index_select(slots, 0)?,
             self.v[layer].index_select(slots, 0)?,

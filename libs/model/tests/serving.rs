@@ -43,12 +43,18 @@ fn half_tolerance(want: &Tensor) -> f64 {
 /// does), so their products are checked against candle's: exact f32 products within 1e-4,
 /// AMX ones within [`amx_tolerance`].
 fn run_schedule(cfg: &ModelConfig, packed: Option<F32Products>) {
-    run_schedule_in(cfg, packed, DType::F32);
+    run_schedule_in(cfg, packed, DType::F32, (4, 9));
 }
 
 /// [`run_schedule`] with the model and its cache in `dtype` (f32 attends with the CPU token
-/// kernel, other dtypes with candle ops).
-fn run_schedule_in(cfg: &ModelConfig, packed: Option<F32Products>, dtype: DType) {
+/// kernel, other dtypes with candle ops) and a cache of `(block size, blocks)`, so few that
+/// the last sequence can only join on blocks the second one frees.
+fn run_schedule_in(
+    cfg: &ModelConfig,
+    packed: Option<F32Products>,
+    dtype: DType,
+    (block, blocks): (usize, usize),
+) {
     let map = common::random_weights(cfg, dtype, 2, 0.2);
     let model = Model::new(cfg, &map).expect("model");
     let mut serving = model.clone();
@@ -57,8 +63,8 @@ fn run_schedule_in(cfg: &ModelConfig, packed: Option<F32Products>, dtype: DType)
         assert!(bytes > 0 && serving.lm_head.packed.is_some());
     }
     let on_amx = packed == Some(F32Products::Amx);
-    // block 4, 9 blocks: A, B and C fill 8; D can only join after B's blocks come back.
-    let mut cache = PagedKvCache::new(cfg, 9, 4, dtype, &Device::Cpu).expect("cache");
+    // E.g. block 4, 9 blocks: A, B and C fill 8; D can only join after B's blocks come back.
+    let mut cache = PagedKvCache::new(cfg, blocks, block, dtype, &Device::Cpu).expect("cache");
     let spec = [(12, 5, 0), (7, 3, 0), (10, 6, 2), (9, 4, 5)];
     let mut seqs: Vec<Seq> = spec
         .iter()
@@ -164,7 +170,7 @@ fn run_schedule_in(cfg: &ModelConfig, packed: Option<F32Products>, dtype: DType)
     );
     assert!(reused, "sequence D should reuse blocks B freed");
     assert!(checked > 25);
-    assert_eq!(cache.num_free_blocks(), 9);
+    assert_eq!(cache.num_free_blocks(), blocks);
 }
 
 #[test]
@@ -199,6 +205,27 @@ fn batched_paged_decode_on_amx_matches_training_forward_within_its_error() {
 }
 
 #[test]
+fn batched_paged_decode_with_vector_wide_blocks_matches_training_forward() {
+    // Blocks of 8 and 16 positions: a block's keys are one AVX2 or AVX-512 vector a
+    // dimension, the token attention kernel's vector path (the services' block size is 16).
+    for (heads, kv_heads, head_dim) in [(4, 2, 4), (4, 2, 32), (3, 1, 64)] {
+        let mut cfg = common::micro_config(Architecture::Llama, false);
+        (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        ) = (heads, kv_heads, head_dim);
+        cfg.hidden_size = heads * head_dim;
+        for cache in [(8, 6), (16, 3)] {
+            run_schedule_in(&cfg, Some(F32Products::Exact), DType::F32, cache);
+        }
+    }
+    let mut cfg = common::micro_config(Architecture::Mistral, false);
+    cfg.sliding_window = Some(3);
+    run_schedule_in(&cfg, None, DType::F32, (16, 3));
+}
+
+#[test]
 fn batched_paged_decode_with_candle_attention_matches_training_forward() {
     // An f16 model attends with candle ops (the path of GPUs and half precision): prefill
     // chunks one by one with their masks, decode tokens as one padded group.
@@ -208,7 +235,7 @@ fn batched_paged_decode_with_candle_attention_matches_training_forward() {
     ] {
         let mut cfg = common::micro_config(arch, false);
         cfg.sliding_window = window;
-        run_schedule_in(&cfg, None, DType::F16);
+        run_schedule_in(&cfg, None, DType::F16, (4, 9));
     }
 }
 
