@@ -70,6 +70,71 @@ impl pulp::WithSimd for SiluMul<'_> {
     }
 }
 
+/// `y + x` for a block's output `y` (a fresh tensor the forward owns) and the residual
+/// stream `x`: for contiguous f32 CPU tensors added into `y` in place, one parallel pass on
+/// this pool (candle's add allocates a new tensor and, from 64k elements, runs on its own
+/// worker threads, which then spin on cores the products need); candle's add otherwise.
+fn add_residual(y: Tensor, x: &Tensor) -> Result<Tensor> {
+    if y.dtype() == DType::F32
+        && x.dtype() == DType::F32
+        && y.device().is_cpu()
+        && y.shape() == x.shape()
+        && y.is_contiguous()
+        && x.is_contiguous()
+    {
+        y.inplace_op2(x, &AddInPlace)?;
+        return Ok(y);
+    }
+    Ok((y + x)?)
+}
+
+/// `dst += src` for contiguous f32 CPU tensors of one shape ([`add_residual`]).
+struct AddInPlace;
+
+impl candle_core::InplaceOp2 for AddInPlace {
+    fn name(&self) -> &'static str {
+        "add-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        dst_layout: &candle_core::Layout,
+        src: &candle_core::CpuStorage,
+        src_layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage;
+        use rayon::prelude::*;
+        let (CpuStorage::F32(dst), CpuStorage::F32(src)) = (dst, src) else {
+            candle_core::bail!("add-in-place: f32 only");
+        };
+        let (Some((d0, d1)), Some((s0, s1))) = (
+            dst_layout.contiguous_offsets(),
+            src_layout.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("add-in-place: contiguous tensors only");
+        };
+        let (dst, src) = (&mut dst[d0..d1], &src[s0..s1]);
+        if dst.len() != src.len() {
+            candle_core::bail!("add-in-place: {} and {} values", dst.len(), src.len());
+        }
+        const CHUNK: usize = 16 * 1024;
+        let add = |(d, s): (&mut [f32], &[f32])| {
+            for (d, s) in d.iter_mut().zip(s) {
+                *d += s;
+            }
+        };
+        if dst.len() <= CHUNK {
+            add((dst, src));
+        } else {
+            dst.par_chunks_mut(CHUNK)
+                .zip(src.par_chunks(CHUNK))
+                .for_each(add);
+        }
+        Ok(())
+    }
+}
+
 /// [`Proj::forward_serving_many`] of `N` projections, as an array.
 fn serving_products<const N: usize>(
     projs: &[&crate::linear::Proj; N],
@@ -309,10 +374,10 @@ impl Model {
                 }
             };
             let att = attention.attend(cache, li, &q, scale)?;
-            x = (x + layer.o.forward_serving(&att)?)?;
+            x = add_residual(layer.o.forward_serving(&att)?, &x)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
             let [g, u] = serving_products(&[&layer.gate, &layer.up], &h)?;
-            x = (x + layer.down.forward_serving(&silu_mul(&g, &u)?)?)?;
+            x = add_residual(layer.down.forward_serving(&silu_mul(&g, &u)?)?, &x)?;
         }
         let mut last = Vec::with_capacity(seqs.len());
         let mut end = 0;
