@@ -205,6 +205,8 @@ async fn serves_a_registered_model_over_grpc() {
         let msg = msg.expect("message");
         text.push_str(&msg.text);
         ids.extend(msg.tokens.iter().map(|t| t.id));
+        // No log-probabilities unless asked for.
+        assert!(msg.tokens.iter().all(|t| t.logprob.is_none()), "{msg:?}");
         last = Some(msg);
     }
     let last = last.expect("messages");
@@ -212,6 +214,24 @@ async fn serves_a_registered_model_over_grpc() {
     assert_eq!(text, choice.text);
     assert_eq!(last.finish_reason, pb::FinishReason::Length as i32);
     assert_eq!(last.usage.expect("usage").completion_tokens, 12);
+    // Asked for, every token has a log-probability (≤ 0, the best of its alternatives for
+    // greedy picks) and its alternatives.
+    let mut asked = req("lp", "hello world", 5);
+    let sampling = asked.sampling.as_mut().expect("sampling");
+    (sampling.logprobs, sampling.top_logprobs) = (true, Some(3));
+    let answer = c.generate(asked).await.expect("logprobs").into_inner();
+    let answer = &answer.choices[0];
+    assert_eq!(answer.token_ids, choice.token_ids[..5]);
+    assert_eq!(answer.tokens.len(), 5);
+    let mut total = 0.0;
+    for t in &answer.tokens {
+        let lp = t.logprob.expect("a logprob per token");
+        assert!(lp <= 0.0 && t.top_logprobs.len() == 3, "{t:?}");
+        assert_eq!(t.top_logprobs[0].id, t.id, "greedy picks the most likely");
+        total += f64::from(lp);
+    }
+    let cumulative = answer.cumulative_logprob.expect("cumulative");
+    assert!((cumulative - total).abs() < 1e-4, "{cumulative} vs {total}");
 
     // Chat input is rendered with the version's template.
     let mut chat = req("c1", "", 4);

@@ -25,7 +25,10 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     pub presence_penalty: f32,
     pub seed: u64,
-    /// How many most-likely alternatives to report with each token.
+    /// Report the chosen token's log-probability ([`Sampled::logprob`]); it costs a pass
+    /// over the vocabulary per token, so it is only computed when asked for (as in vLLM).
+    pub logprobs: bool,
+    /// How many most-likely alternatives to report with each token (implies `logprobs`).
     pub top_logprobs: usize,
 }
 
@@ -40,6 +43,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             seed: 0,
+            logprobs: false,
             top_logprobs: 0,
         }
     }
@@ -76,7 +80,8 @@ impl SamplingParams {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub token: u32,
-    pub logprob: f32,
+    /// With [`SamplingParams::logprobs`] (or `top_logprobs`).
+    pub logprob: Option<f32>,
     /// The `top_logprobs` most likely tokens, most likely first.
     pub top: Vec<(u32, f32)>,
 }
@@ -292,8 +297,8 @@ impl Sampler {
                  leave nothing to sample)",
             ));
         }
-        let lse = log_sum_exp(logits);
         let p = &self.params;
+        let lse = (p.logprobs || p.top_logprobs > 0).then(|| log_sum_exp(logits));
         let adjusted = if p.repetition_penalty != 1.0
             || p.frequency_penalty != 0.0
             || p.presence_penalty != 0.0
@@ -323,7 +328,9 @@ impl Sampler {
             }
             pick
         };
-        let top = if self.params.top_logprobs > 0 {
+        let top = if let Some(lse) = lse
+            && self.params.top_logprobs > 0
+        {
             let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
             idx.sort_by(|&a, &b| {
                 logits[b as usize]
@@ -339,7 +346,7 @@ impl Sampler {
         };
         Ok(Sampled {
             token,
-            logprob: logits[token as usize] - lse,
+            logprob: lse.map(|lse| logits[token as usize] - lse),
             top,
         })
     }
@@ -427,8 +434,21 @@ mod tests {
         let out = s.sample(&logits, &[], &[]).expect("sample");
         assert_eq!(out.token, 1);
         let lse = logits.iter().map(|l| (*l as f64).exp()).sum::<f64>().ln();
-        assert!((out.logprob as f64 - (2.0 - lse)).abs() < 1e-5);
+        let logprob = out.logprob.expect("asked for");
+        assert!((logprob as f64 - (2.0 - lse)).abs() < 1e-5);
         assert_eq!(out.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3]);
+        // Only when asked for: the same pick, no log-probabilities.
+        let plain = Sampler::new(SamplingParams::greedy())
+            .sample(&logits, &[], &[])
+            .expect("sample");
+        assert_eq!((plain.token, plain.logprob, plain.top.len()), (1, None, 0));
+        let asked = Sampler::new(SamplingParams {
+            logprobs: true,
+            ..SamplingParams::greedy()
+        })
+        .sample(&logits, &[], &[])
+        .expect("sample");
+        assert_eq!(asked.logprob, Some(logprob));
     }
 
     #[test]

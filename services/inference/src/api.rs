@@ -445,6 +445,7 @@ impl InferenceApi {
             frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
             presence_penalty: s.presence_penalty.unwrap_or(0.0),
             seed,
+            logprobs: s.logprobs,
             top_logprobs: if s.logprobs { top_logprobs as usize } else { 0 },
         };
         let stop = StopConfig {
@@ -667,14 +668,10 @@ impl InferenceApi {
                     let c = &mut choices[choice as usize];
                     c.text.push_str(&text);
                     c.ids.push(id);
-                    c.cumulative += logprob as f64;
+                    c.cumulative += logprob.map_or(0.0, f64::from);
                     if p.details {
-                        c.tokens.push(Self::token_info(
-                            &p.served,
-                            id,
-                            p.logprobs.then_some(logprob),
-                            &top,
-                        ));
+                        c.tokens
+                            .push(Self::token_info(&p.served, id, logprob, &top));
                     }
                 }
                 Event::Finished { choice, reason } => {
@@ -801,12 +798,7 @@ impl StreamState {
                     self.lengths[choice as usize] += 1;
                     msg.index = choice;
                     msg.text = text;
-                    msg.tokens = vec![InferenceApi::token_info(
-                        &self.p.served,
-                        id,
-                        self.p.logprobs.then_some(logprob),
-                        &top,
-                    )];
+                    msg.tokens = vec![InferenceApi::token_info(&self.p.served, id, logprob, &top)];
                 }
                 Event::Finished { choice, reason } => {
                     self.open -= 1;

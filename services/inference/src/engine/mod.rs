@@ -134,7 +134,8 @@ pub enum Event {
         choice: u32,
         id: u32,
         text: String,
-        logprob: f32,
+        /// When the request asked for log-probabilities.
+        logprob: Option<f32>,
         top: Vec<(u32, f32)>,
     },
     /// A choice ended.
