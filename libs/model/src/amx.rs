@@ -126,8 +126,8 @@ impl Tiles {
         results
             .into_iter()
             .zip(weights)
-            .map(|(res, &(_, out))| {
-                let width = res.len() / n.max(1);
+            .map(|(res, &(tiles, out))| {
+                let width = tiles.data.len() / (steps * STEP_LINES) * PANEL;
                 let t = Tensor::from_vec(res, (n, width), &Device::Cpu)?;
                 Ok(if width == out {
                     t
@@ -692,6 +692,9 @@ mod tests {
                 for (w, y) in ws.iter().zip(&together) {
                     assert_eq!(y.to_vec2::<f32>().unwrap(), on_amx(w, &x), "{n} rows");
                 }
+                // No rows: empty results of each weight's width.
+                let none = PackedWeight::matmul_t_amx(&packed[0], &x.narrow(0, 0, 0).unwrap());
+                assert_eq!(none.unwrap().dims(), [0, 130]);
                 // A strided input is copied, and multiplied the same.
                 let xt = x.t().unwrap().contiguous().unwrap().t().unwrap();
                 let strided = PackedWeight::matmul_t_many(&refs, &xt).unwrap();

@@ -394,14 +394,11 @@ impl Model {
         Ok(logits)
     }
 
-    /// Additive mask `[len, start + len]` for a chunk at `start`, or `None` when every cached
-    /// key is visible (a single decode token without a sliding window).
-    fn chunk_mask(&self, start: usize, len: usize, device: &Device) -> Result<Option<Tensor>> {
+    /// Additive mask `[len, start + len]` for a prefill chunk at `start` (causal, and within
+    /// a sliding window).
+    fn chunk_mask(&self, start: usize, len: usize, device: &Device) -> Result<Tensor> {
         let ctx = start + len;
         let window = self.config.sliding_window.unwrap_or(usize::MAX);
-        if len == 1 && ctx <= window {
-            return Ok(None);
-        }
         let neg = mask_value(self.dtype());
         let mut m = Vec::with_capacity(len * ctx);
         for i in 0..len {
@@ -414,9 +411,7 @@ impl Model {
                 });
             }
         }
-        Ok(Some(
-            Tensor::from_vec(m, (len, ctx), device)?.to_dtype(self.dtype())?,
-        ))
+        Ok(Tensor::from_vec(m, (len, ctx), device)?.to_dtype(self.dtype())?)
     }
 }
 
@@ -669,8 +664,8 @@ impl TokenAttention {
 /// ([`DecodeGroup`]); each prefill chunk attends on its own with an additive mask.
 struct TensorAttention {
     /// Per prefill chunk: offset into the flat batch, start position, length, the slots of
-    /// its whole context and (unless every key is visible) its mask.
-    chunks: Vec<(usize, usize, usize, Tensor, Option<Tensor>)>,
+    /// its whole context and its mask.
+    chunks: Vec<(usize, usize, usize, Tensor, Tensor)>,
     decode: Option<DecodeGroup>,
     /// The inverse permutation from the pieces' order (chunks, then the decode group) back to
     /// batch order; `None` when they agree.
@@ -694,8 +689,8 @@ impl TensorAttention {
         let mut chunks = Vec::new();
         for (s, &off) in seqs.iter().zip(&offsets) {
             let (start, len) = (s.table.len, s.tokens.len());
-            if len == 1 && decode.is_some() {
-                continue;
+            if len == 1 {
+                continue; // in the decode group
             }
             let slots: Vec<u32> = (0..start + len)
                 .map(|p| cache.slot(s.table, p) as u32)
@@ -748,13 +743,10 @@ impl TensorAttention {
                 .transpose(0, 1)?
                 .contiguous()?
                 .reshape((nkv, groups * len, hd))?;
-            let mut scores = (qs.matmul(&kc.t()?)? * scale)?;
-            if let Some(m) = mask {
-                scores = scores
-                    .reshape((nkv, groups, *len, ctx))?
-                    .broadcast_add(m)?
-                    .reshape((nkv, groups * len, ctx))?;
-            }
+            let scores = (qs.matmul(&kc.t()?)? * scale)?
+                .reshape((nkv, groups, *len, ctx))?
+                .broadcast_add(mask)?
+                .reshape((nkv, groups * len, ctx))?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let att = probs
                 .matmul(&vc)?
@@ -965,28 +957,33 @@ impl AttendHead<'_> {
 
     /// `[groups, span]` scaled scores of every position of the visible blocks (`G` query
     /// heads): each dimension of a block's keys is one row of the block, so with blocks of
-    /// one vector's width a block's scores are `hd` broadcast FMAs a head, with no
+    /// whole vectors a block's scores are `hd` broadcast FMAs a head and vector, with no
     /// horizontal sums; other block sizes take plain loops.
     #[inline(always)]
     fn scores<S: pulp::Simd, const G: usize>(&self, simd: S) -> Vec<f32> {
         let (blocks, _, span) = self.span();
         let (hd, bs) = (self.kv.hd, self.kv.block);
         let mut scores = vec![0f32; G * span];
-        if bs == S::F32_LANES {
+        let lanes = S::F32_LANES;
+        if bs.is_multiple_of(lanes) {
             for (bi, &b) in blocks.iter().enumerate() {
                 let keys = self.kv.keys(b);
-                let mut acc = [simd.splat_f32s(0.0); G];
-                for (d, row) in keys.chunks_exact(bs).enumerate() {
-                    let (k, _) = S::as_simd_f32s(row);
-                    for (h, acc) in acc.iter_mut().enumerate() {
-                        *acc = simd.mul_add_e_f32s(simd.splat_f32s(self.q[h * hd + d]), k[0], *acc);
+                // One vector of the block's positions at a time.
+                for c in (0..bs).step_by(lanes) {
+                    let mut acc = [simd.splat_f32s(0.0); G];
+                    for d in 0..hd {
+                        let (k, _) = S::as_simd_f32s(&keys[d * bs + c..d * bs + c + lanes]);
+                        for (h, acc) in acc.iter_mut().enumerate() {
+                            let qd = simd.splat_f32s(self.q[h * hd + d]);
+                            *acc = simd.mul_add_e_f32s(qd, k[0], *acc);
+                        }
                     }
-                }
-                for (h, acc) in acc.iter().enumerate() {
-                    let scaled = simd.mul_f32s(*acc, simd.splat_f32s(self.scale));
-                    let at = h * span + bi * bs;
-                    let (o, _) = S::as_mut_simd_f32s(&mut scores[at..at + bs]);
-                    o[0] = scaled;
+                    for (h, acc) in acc.iter().enumerate() {
+                        let scaled = simd.mul_f32s(*acc, simd.splat_f32s(self.scale));
+                        let at = h * span + bi * bs + c;
+                        let (o, _) = S::as_mut_simd_f32s(&mut scores[at..at + lanes]);
+                        o[0] = scaled;
+                    }
                 }
             }
         } else {

@@ -1,8 +1,9 @@
 //! A paged KV cache: fixed-size blocks, a free-list block allocator, a block table per
 //! sequence.
 //!
-//! Each layer's keys and values live in one tensor of `num_blocks * block_size` slots
-//! (`[slots, kv_heads, head_dim]`); a sequence's token at position `p` is stored in slot
+//! Each layer's keys and values live in one tensor each of `num_blocks * block_size` slots
+//! (`[slots, kv_heads, head_dim]`; an f32 CPU cache stores keys block by block, see
+//! [`PagedKvCache::keys_by_block`]); a sequence's token at position `p` is stored in slot
 //! `table.blocks[p / block_size] * block_size + p % block_size`. Sequences join by getting an
 //! empty [`BlockTable`] and leave by [`PagedKvCache::release`]: no other sequence's cache is
 //! copied or moved, and freed blocks are reused by the next sequence that needs one.

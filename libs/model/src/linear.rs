@@ -108,16 +108,9 @@ impl Proj {
                 _ => None,
             })
             .collect();
-        let rows = match x.dims() {
-            [n, _] => *n,
-            _ => usize::MAX,
-        };
-        match packed {
-            Some(ws)
-                if ws
-                    .iter()
-                    .all(|w| w.takes_every_row() || rows <= w.max_rows()) =>
-            {
+        // As in `apply`: `[n, in]` inputs of up to `max_rows` rows go to the packed weights.
+        match (packed, x.dims()) {
+            (Some(ws), &[rows, _]) if ws.iter().all(|w| rows <= w.max_rows()) => {
                 let ys = crate::packed::PackedWeight::matmul_t_many(&ws, x)?;
                 ys.into_iter()
                     .zip(projs)

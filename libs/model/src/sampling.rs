@@ -3,8 +3,9 @@
 //! Order of operations: penalties (repetition over prompt + output, frequency and presence
 //! over output) → greedy when `temperature == 0` → temperature → top-k → top-p → min-p →
 //! draw from the request's own seeded [`Rng`], so the same seed gives the same tokens
-//! whatever else shares the batch. Log-probabilities reported are the model's (log-softmax
-//! of the raw logits), for the chosen token and the `top_logprobs` most likely ones.
+//! whatever else shares the batch. Log-probabilities, when asked for
+//! ([`SamplingParams::logprobs`]), are the model's (log-softmax of the raw logits), for the
+//! chosen token and the `top_logprobs` most likely ones.
 
 use std::collections::HashMap;
 

@@ -206,8 +206,9 @@ fn batched_paged_decode_on_amx_matches_training_forward_within_its_error() {
 
 #[test]
 fn batched_paged_decode_with_vector_wide_blocks_matches_training_forward() {
-    // Blocks of 8 and 16 positions: a block's keys are one AVX2 or AVX-512 vector a
-    // dimension, the token attention kernel's vector path (the services' block size is 16).
+    // Blocks of 8, 16 and 32 positions: a block's keys are one or more AVX2 or AVX-512
+    // vectors a dimension, the token attention kernel's vector path (the services' block
+    // size is 16).
     for (heads, kv_heads, head_dim) in [(4, 2, 4), (4, 2, 32), (3, 1, 64)] {
         let mut cfg = common::micro_config(Architecture::Llama, false);
         (
@@ -216,7 +217,7 @@ fn batched_paged_decode_with_vector_wide_blocks_matches_training_forward() {
             cfg.head_dim,
         ) = (heads, kv_heads, head_dim);
         cfg.hidden_size = heads * head_dim;
-        for cache in [(8, 6), (16, 3)] {
+        for cache in [(8, 6), (16, 3), (32, 3)] {
             run_schedule_in(&cfg, Some(F32Products::Exact), DType::F32, cache);
         }
     }
