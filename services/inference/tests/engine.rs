@@ -127,7 +127,11 @@ async fn solo(specs: &[(Vec<u32>, usize)]) -> Vec<Vec<u32>> {
 }
 
 fn specs() -> Vec<(Vec<u32>, usize)> {
-    (0..6u32)
+    specs_of(6)
+}
+
+fn specs_of(n: u32) -> Vec<(Vec<u32>, usize)> {
+    (0..n)
         .map(|i| (prompt(i, 5 + 3 * i as usize), 12 + i as usize))
         .collect()
 }
@@ -207,6 +211,39 @@ async fn batched_and_joining_requests_get_their_solo_tokens() {
             expected[i],
             "request {i}, joined mid-batch"
         );
+    }
+    wait_for(&engine, "every block back", |s| s.kv_blocks_used == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_samples_on_the_pool_and_gets_solo_tokens() {
+    // Twelve requests prefilled in one step, then decoding together: their steps sample on
+    // the rayon pool (greedy and seeded alike) and still give each its solo tokens.
+    let specs = specs_of(12);
+    let expected = solo(&specs).await;
+    let engine = start(EngineConfig {
+        block_size: 4,
+        num_blocks: 256,
+        ..Default::default()
+    });
+    let rxs: Vec<_> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, (p, max))| {
+            engine
+                .submit(request(
+                    &format!("w{i}"),
+                    p.clone(),
+                    *max,
+                    sampling(i as u32),
+                ))
+                .expect("submit")
+        })
+        .collect();
+    for (i, rx) in rxs.into_iter().enumerate() {
+        let (tokens, finish, _) = collect(rx, 1).await;
+        assert_eq!(tokens[0], expected[i], "request {i} in a wide batch");
+        assert_eq!(finish[0], Finish::Length);
     }
     wait_for(&engine, "every block back", |s| s.kv_blocks_used == 0).await;
 }

@@ -318,6 +318,10 @@ pub fn spawn(
     })
 }
 
+/// Sequences from which a step samples on the rayon pool rather than on the engine thread
+/// (a rayon round trip costs more than a few samples).
+const PARALLEL_SAMPLING: usize = 8;
+
 struct Engine {
     model: Model,
     cache: PagedKvCache,
@@ -718,10 +722,9 @@ impl Engine {
         };
         metrics::step(&self.label, idx.len(), started.elapsed());
         let bs = self.config.block_size;
-        let mut done = Vec::new();
-        for (row, &(i, _)) in logits.iter().zip(&idx) {
+        // Cache every block this step filled, chained to its prefix.
+        for &(i, _) in &idx {
             let seq = &mut self.running[i];
-            // Cache every block this step filled, chained to its prefix.
             while seq.hashes.len() < seq.table.len / bs {
                 let k = seq.hashes.len();
                 let h = blocks::block_hash(
@@ -731,20 +734,38 @@ impl Engine {
                 self.blocks.register_full(seq.table.blocks[k], h);
                 seq.hashes.push(h);
             }
-            if seq.table.len < seq.tokens.len() {
-                continue; // a prefill chunk that does not finish the input yet
-            }
-            match seq.sample_and_stream(
-                row,
-                &self.tokenizer,
-                self.model.config.max_position_embeddings,
-                &self.label,
-            ) {
-                Ok(None) => {}
-                Ok(Some(reason)) => done.push((seq.order, reason)),
-                Err(e) => done.push((seq.order, Finish::Error(e.to_string()))),
+        }
+        // Sample and stream every sequence whose input is complete (a prefill chunk that does
+        // not finish its prompt has nothing to sample). Each has its own sampler, stream and
+        // channel, so a large batch is shared out over the pool's threads, which are idle
+        // between forwards.
+        let (tokenizer, label) = (&*self.tokenizer, &*self.label);
+        let max_context = self.model.config.max_position_embeddings;
+        let mut ready: Vec<(&mut Sequence, &[f32])> = Vec::with_capacity(idx.len());
+        let mut rows = logits.iter().zip(&idx).peekable();
+        for (i, seq) in self.running.iter_mut().enumerate() {
+            if let Some(&(row, &(j, _))) = rows.peek()
+                && j == i
+            {
+                rows.next();
+                if seq.table.len == seq.tokens.len() {
+                    ready.push((seq, row));
+                }
             }
         }
+        let sample = |(seq, row): (&mut Sequence, &[f32])| {
+            let end = match seq.sample_and_stream(row, tokenizer, max_context, label) {
+                Ok(end) => end,
+                Err(e) => Some(Finish::Error(e.to_string())),
+            };
+            end.map(|reason| (seq.order, reason))
+        };
+        let done: Vec<(u64, Finish)> = if ready.len() >= PARALLEL_SAMPLING {
+            use rayon::prelude::*;
+            ready.into_par_iter().filter_map(sample).collect()
+        } else {
+            ready.into_iter().filter_map(sample).collect()
+        };
         for (order, reason) in done {
             let pos = self
                 .running
