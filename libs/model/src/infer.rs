@@ -88,6 +88,28 @@ fn add_residual(y: Tensor, x: &Tensor) -> Result<Tensor> {
     Ok((y + x)?)
 }
 
+/// The data of an in-place op's contiguous f32 CPU operands: the one written and the one
+/// read (`op` names the op in the error otherwise).
+fn f32_operands<'a>(
+    op: &str,
+    dst: &'a mut candle_core::CpuStorage,
+    dst_layout: &candle_core::Layout,
+    src: &'a candle_core::CpuStorage,
+    src_layout: &candle_core::Layout,
+) -> candle_core::Result<(&'a mut [f32], &'a [f32])> {
+    use candle_core::CpuStorage;
+    let (CpuStorage::F32(dst), CpuStorage::F32(src)) = (dst, src) else {
+        candle_core::bail!("{op}: f32 tensors only");
+    };
+    let (Some((d0, d1)), Some((s0, s1))) = (
+        dst_layout.contiguous_offsets(),
+        src_layout.contiguous_offsets(),
+    ) else {
+        candle_core::bail!("{op}: contiguous tensors only");
+    };
+    Ok((&mut dst[d0..d1], &src[s0..s1]))
+}
+
 /// `dst += src` for contiguous f32 CPU tensors of one shape ([`add_residual`]).
 struct AddInPlace;
 
@@ -103,18 +125,8 @@ impl candle_core::InplaceOp2 for AddInPlace {
         src: &candle_core::CpuStorage,
         src_layout: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        use candle_core::CpuStorage;
         use rayon::prelude::*;
-        let (CpuStorage::F32(dst), CpuStorage::F32(src)) = (dst, src) else {
-            candle_core::bail!("add-in-place: f32 only");
-        };
-        let (Some((d0, d1)), Some((s0, s1))) = (
-            dst_layout.contiguous_offsets(),
-            src_layout.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("add-in-place: contiguous tensors only");
-        };
-        let (dst, src) = (&mut dst[d0..d1], &src[s0..s1]);
+        let (dst, src) = f32_operands(self.name(), dst, dst_layout, src, src_layout)?;
         if dst.len() != src.len() {
             candle_core::bail!("add-in-place: {} and {} values", dst.len(), src.len());
         }
@@ -495,16 +507,7 @@ impl candle_core::InplaceOp2 for WriteRows<'_> {
         rows: &candle_core::CpuStorage,
         rows_layout: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        use candle_core::CpuStorage;
-        let (CpuStorage::F32(dst), CpuStorage::F32(src)) = (cache, rows) else {
-            candle_core::bail!("write-kv-rows: f32 cache and rows only");
-        };
-        let (Some((d0, d1)), Some((s0, s1))) = (
-            cache_layout.contiguous_offsets(),
-            rows_layout.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("write-kv-rows: contiguous cache and rows only");
-        };
+        let (dst, src) = f32_operands(self.name(), cache, cache_layout, rows, rows_layout)?;
         let dims = cache_layout.dims();
         // Slots per block (1 for the row layout: a "block" is one slot) and values a slot.
         let (block, width) = if self.by_block {
@@ -512,7 +515,6 @@ impl candle_core::InplaceOp2 for WriteRows<'_> {
         } else {
             (1, dims[1..].iter().product())
         };
-        let (dst, src) = (&mut dst[d0..d1], &src[s0..s1]);
         if src.len() != self.slots.len() * width {
             candle_core::bail!(
                 "write-kv-rows: {} values for {} slots of {width}",

@@ -126,6 +126,28 @@ async fn solo(specs: &[(Vec<u32>, usize)]) -> Vec<Vec<u32>> {
     out
 }
 
+/// Submit every spec at once (ids `{tag}{i}`, [`sampling`]`(i)`); their event channels.
+fn submit_all(
+    engine: &EngineHandle,
+    specs: &[(Vec<u32>, usize)],
+    tag: &str,
+) -> Vec<UnboundedReceiver<Event>> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, (p, max))| {
+            engine
+                .submit(request(
+                    &format!("{tag}{i}"),
+                    p.clone(),
+                    *max,
+                    sampling(i as u32),
+                ))
+                .expect("submit")
+        })
+        .collect()
+}
+
 fn specs() -> Vec<(Vec<u32>, usize)> {
     specs_of(6)
 }
@@ -148,20 +170,7 @@ async fn batched_and_joining_requests_get_their_solo_tokens() {
         num_blocks: 64,
         ..Default::default()
     });
-    let rxs: Vec<_> = specs
-        .iter()
-        .enumerate()
-        .map(|(i, (p, max))| {
-            engine
-                .submit(request(
-                    &format!("b{i}"),
-                    p.clone(),
-                    *max,
-                    sampling(i as u32),
-                ))
-                .expect("submit")
-        })
-        .collect();
+    let rxs = submit_all(&engine, &specs, "b");
     for (i, rx) in rxs.into_iter().enumerate() {
         let (tokens, finish, _) = collect(rx, 1).await;
         assert_eq!(tokens[0], expected[i], "request {i} in a batch");
@@ -226,20 +235,7 @@ async fn a_large_batch_samples_on_the_pool_and_gets_solo_tokens() {
         num_blocks: 256,
         ..Default::default()
     });
-    let rxs: Vec<_> = specs
-        .iter()
-        .enumerate()
-        .map(|(i, (p, max))| {
-            engine
-                .submit(request(
-                    &format!("w{i}"),
-                    p.clone(),
-                    *max,
-                    sampling(i as u32),
-                ))
-                .expect("submit")
-        })
-        .collect();
+    let rxs = submit_all(&engine, &specs, "w");
     for (i, rx) in rxs.into_iter().enumerate() {
         let (tokens, finish, _) = collect(rx, 1).await;
         assert_eq!(tokens[0], expected[i], "request {i} in a wide batch");
@@ -260,20 +256,7 @@ async fn preemption_under_a_tiny_kv_budget_completes_every_request_correctly() {
         max_batch_tokens: 16,
         ..Default::default()
     });
-    let rxs: Vec<_> = specs
-        .iter()
-        .enumerate()
-        .map(|(i, (p, max))| {
-            engine
-                .submit(request(
-                    &format!("p{i}"),
-                    p.clone(),
-                    *max,
-                    sampling(i as u32),
-                ))
-                .expect("submit")
-        })
-        .collect();
+    let rxs = submit_all(&engine, &specs, "p");
     let outs = tokio::time::timeout(
         Duration::from_secs(60),
         futures::future::join_all(rxs.into_iter().map(|rx| collect(rx, 1))),
