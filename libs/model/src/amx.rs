@@ -110,7 +110,9 @@ impl Tiles {
     /// `xs [n, k] · wᵀ` → `[n, out]` for each of several weights of `k` inputs (`(tiles,
     /// out)`): the activation rows are split once, and one parallel pass shares the panels of
     /// all the weights out among the rayon tasks (a layer's q, k and v, or gate and up, read
-    /// the same activations). Each result is the same as that weight's product alone.
+    /// the same activations). Each result is the same as that weight's product alone; when
+    /// `out` ends in a partial panel it is a view of the first `out` columns of the padded
+    /// product (not contiguous).
     pub(crate) fn products(
         weights: &[(&Tiles, usize)],
         xs: &[f32],
@@ -132,7 +134,9 @@ impl Tiles {
                 Ok(if width == out {
                     t
                 } else {
-                    t.narrow(1, 0, out)?.contiguous()?
+                    // A view of the first `out` columns: the gate's consumer reads it in
+                    // place, anything needing contiguous rows copies it.
+                    t.narrow(1, 0, out)?
                 })
             })
             .collect()

@@ -16,14 +16,19 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::{BlockTable, PagedKvCache};
 use crate::model::{Model, mask_value};
 
-/// `silu(g) · u`, the MLP's gate: for contiguous f32 CPU tensors one parallel pass with the
-/// sampler's vectorised exp (candle's `silu` calls libm's `expf` per element, 6% of a
+/// `silu(g) · u`, the MLP's gate: for f32 CPU tensors whose rows are contiguous (whole
+/// tensors, or the first columns of a wider product's rows: AMX products of a width that
+/// ends in a partial panel hand back such a view rather than a copy) one parallel pass with
+/// the sampler's vectorised exp (candle's `silu` calls libm's `expf` per element, 6% of a
 /// prefill), candle ops otherwise.
 fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     use candle_core::Storage;
     use rayon::prelude::*;
     let fallback = || -> Result<Tensor> { Ok((g.silu()? * u)?) };
-    if g.dtype() != DType::F32 || u.dtype() != DType::F32 || g.shape() != u.shape() {
+    let Ok((n, width)) = g.dims2() else {
+        return fallback();
+    };
+    if g.dtype() != DType::F32 || u.dtype() != DType::F32 || g.shape() != u.shape() || width == 0 {
         return fallback();
     }
     let (gst, gl) = g.storage_and_layout();
@@ -31,21 +36,33 @@ fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     let (Storage::Cpu(gc), Storage::Cpu(uc)) = (&*gst, &*ust) else {
         return fallback();
     };
-    let (Some((g0, g1)), Some((u0, u1))) = (gl.contiguous_offsets(), ul.contiguous_offsets())
-    else {
+    // Each row `width` values at `start + r · stride`.
+    let rows = |l: &candle_core::Layout| match l.stride() {
+        [stride, 1] if *stride >= width => Some((l.start_offset(), *stride)),
+        [_, 1] if n <= 1 => Some((l.start_offset(), width)),
+        _ => None,
+    };
+    let (Some((g0, gstride)), Some((u0, ustride))) = (rows(gl), rows(ul)) else {
         return fallback();
     };
-    let (gs, us) = (
-        &gc.as_slice::<f32>()?[g0..g1],
-        &uc.as_slice::<f32>()?[u0..u1],
-    );
-    let mut out = vec![0f32; gs.len()];
-    const CHUNK: usize = 4096;
-    out.par_chunks_mut(CHUNK)
-        .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK)))
-        .for_each(|(out, (g, u))| pulp::Arch::new().dispatch(SiluMul { out, g, u }));
+    let (gs, us) = (&gc.as_slice::<f32>()?[g0..], &uc.as_slice::<f32>()?[u0..]);
+    let mut out = vec![0f32; n * width];
+    // About 4096 values a task, in whole rows.
+    let per_task = 4096usize.div_ceil(width);
+    out.par_chunks_mut(per_task * width)
+        .enumerate()
+        .for_each(|(t, out)| {
+            for (i, out) in out.chunks_exact_mut(width).enumerate() {
+                let r = t * per_task + i;
+                pulp::Arch::new().dispatch(SiluMul {
+                    out,
+                    g: &gs[r * gstride..r * gstride + width],
+                    u: &us[r * ustride..r * ustride + width],
+                });
+            }
+        });
     drop((gst, ust));
-    Ok(Tensor::from_vec(out, g.shape(), g.device())?)
+    Ok(Tensor::from_vec(out, (n, width), g.device())?)
 }
 
 /// One chunk of [`silu_mul`] as a `pulp` operation, so its loop is compiled (and vectorised)
@@ -1114,6 +1131,21 @@ mod tests {
         assert_eq!(
             strided.to_vec2::<f32>().expect("v"),
             plain.to_vec2::<f32>().expect("v")
+        );
+        // The first columns of wider rows (a padded product's view) are read in place, each
+        // row from its own offset, and give what the contiguous copies give.
+        let (gv, uv) = (
+            g.narrow(1, 0, 290).expect("g"),
+            u.narrow(1, 3, 290).expect("u"),
+        );
+        assert!(!gv.is_contiguous() && !uv.is_contiguous());
+        let viewed = silu_mul(&gv, &uv).expect("views");
+        let copied =
+            silu_mul(&gv.contiguous().expect("g"), &uv.contiguous().expect("u")).expect("copies");
+        assert_eq!(viewed.dims(), [7, 290]);
+        assert_eq!(
+            viewed.to_vec2::<f32>().expect("v"),
+            copied.to_vec2::<f32>().expect("v")
         );
     }
 }
