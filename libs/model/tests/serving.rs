@@ -21,22 +21,23 @@ struct Seq {
 /// sums carry about 2⁻¹⁶ relative error per product (libs/model `amx`), which the micro
 /// models' logits (|logit| up to ~2) show as up to ~1e-4.
 fn amx_tolerance(want: &Tensor) -> f64 {
-    let mag = want
-        .abs()
-        .and_then(|a| a.max_all()?.to_scalar::<f32>())
-        .expect("max");
-    2e-4 * f64::from(mag.max(1.0))
+    relative_tolerance(want, 2e-4)
 }
 
 /// How far a logit of an f16 forward may be from another's: both round every activation to
 /// 11 bits (about 5e-4 relative), and their different operation orders compound that over
 /// the layers.
 fn half_tolerance(want: &Tensor) -> f64 {
+    relative_tolerance(want, 1e-2)
+}
+
+/// `rel` of the largest |logit| in `want` (at least 1).
+fn relative_tolerance(want: &Tensor, rel: f64) -> f64 {
     let mag = want
         .abs()
         .and_then(|a| a.max_all()?.to_scalar::<f32>())
         .expect("max");
-    1e-2 * f64::from(mag.max(1.0))
+    rel * f64::from(mag.max(1.0))
 }
 
 /// `packed`: the batched forward uses weights packed for serving (the training forward never

@@ -148,6 +148,15 @@ fn submit_all(
         .collect()
 }
 
+/// Each request's one choice got its solo tokens and ended by length.
+async fn expect_solo_tokens(rxs: Vec<UnboundedReceiver<Event>>, expected: &[Vec<u32>], what: &str) {
+    for (i, rx) in rxs.into_iter().enumerate() {
+        let (tokens, finish, _) = collect(rx, 1).await;
+        assert_eq!(tokens[0], expected[i], "request {i} {what}");
+        assert_eq!(finish[0], Finish::Length);
+    }
+}
+
 fn specs() -> Vec<(Vec<u32>, usize)> {
     specs_of(6)
 }
@@ -171,11 +180,7 @@ async fn batched_and_joining_requests_get_their_solo_tokens() {
         ..Default::default()
     });
     let rxs = submit_all(&engine, &specs, "b");
-    for (i, rx) in rxs.into_iter().enumerate() {
-        let (tokens, finish, _) = collect(rx, 1).await;
-        assert_eq!(tokens[0], expected[i], "request {i} in a batch");
-        assert_eq!(finish[0], Finish::Length);
-    }
+    expect_solo_tokens(rxs, &expected, "in a batch").await;
     // Half first; the rest join once the first ones are generating.
     let mut early = Vec::new();
     for (i, (p, max)) in specs.iter().enumerate().take(3) {
@@ -236,11 +241,7 @@ async fn a_large_batch_samples_on_the_pool_and_gets_solo_tokens() {
         ..Default::default()
     });
     let rxs = submit_all(&engine, &specs, "w");
-    for (i, rx) in rxs.into_iter().enumerate() {
-        let (tokens, finish, _) = collect(rx, 1).await;
-        assert_eq!(tokens[0], expected[i], "request {i} in a wide batch");
-        assert_eq!(finish[0], Finish::Length);
-    }
+    expect_solo_tokens(rxs, &expected, "in a wide batch").await;
     wait_for(&engine, "every block back", |s| s.kv_blocks_used == 0).await;
 }
 
