@@ -34,7 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let packed = PackedWeight::pack(&w)?.ok_or("f32 CPU weight")?;
         let q8 = PackedQ8::quantize(&w)?;
         let amx = lmforge_model::amx::available().then_some(&packed);
-        for n in [1usize, 2, 4, 8, 16, 32, 64, 256] {
+        for n in [1usize, 2, 4, 8, 16, 32, 64, 128, 256, 512] {
             let x = Tensor::randn(0f32, 1., (n, k), &dev)?;
             let flops = 2.0 * (n * k * out) as f64;
             let gemm = best_of(|| x.matmul(&w.t()?).map(drop))?;

@@ -8,7 +8,10 @@
 //! as in GEMM micro-kernels: no horizontal sums). A tile keeps `PANEL × R` accumulators in
 //! registers (`R` up to 6 rows with AVX-512, 1 with AVX2). Panels are walked `KC` input
 //! positions at a time so that slice stays in L1 for every group of rows (the next slice is
-//! prefetched into L2 meanwhile), and split into one contiguous range per rayon thread. The
+//! prefetched into L2 meanwhile). A product of several rows, or of several weights of the same
+//! input (a layer's q, k and v; gate and up), is one parallel pass: every (panel, row group)
+//! of every weight, in order, split into one contiguous share of equal work per rayon thread
+//! ([`multiply_rows`]), each block stored straight into the `[n, out]` result. The
 //! loops are plain Rust compiled for the best instruction set the CPU has at run time (`pulp`
 //! dispatch). CPUs without AVX2 (and non-x86 ones) keep candle's matmul:
 //! [`PackedWeight::pack`] declines there.
@@ -24,10 +27,12 @@ pub const PANEL: usize = 64;
 
 /// Activation rows up to which the serving forward uses the packed weight with AVX-512
 /// ([`max_rows`]). Measured on the `small` shape's products (2 threads,
-/// `examples/packed_vs_gemm.rs`): at 16 rows the packed product takes 0.22 / 0.21 / 6.9 ms
-/// (576→1536, 1536→576, the 576→49152 LM head) against candle's gemm at 0.52 / 1.15 / 15.4
-/// ms; at 64 rows 0.54 / 0.56 / 26.8 against 0.78 / 1.43 / 27.6; at 256 rows (prefill)
-/// candle's is faster on most.
+/// `examples/packed_vs_gemm.rs`, a 2-core AMD EPYC with AVX-512): at 32 rows the packed
+/// product takes 0.31 / 0.38 / 10.7 ms (576→1536, 1536→576, the 576→49152 LM head) against
+/// candle's gemm at 0.64 / 2.39 / 18.8 ms. From 128 rows on the two are within a few percent
+/// but for 1536→576 (packed 1.3–5.0 ms against 3.3–6.8 up to 512 rows); prefill chunks of
+/// 512 and 1024 rows (`examples/decode_steps.rs`) were no faster, or slower, on the packed
+/// weights (each panel re-reads every activation row from L3), so they stay on the gemm.
 pub const MAX_ROWS: usize = 64;
 
 /// With AVX2 a tile holds one activation row, so every further row streams each panel
@@ -159,14 +164,16 @@ fn prefetch_l2<T>(data: Option<&[T]>) {
 
 /// Activation rows in tile groups (`R` rows each, interleaved by input position), so every
 /// tile reads its rows as one contiguous stream.
-struct Groups {
+struct Groups<'a> {
     /// `(first row, rows, offset into data)` per group.
     spans: Vec<(usize, usize, usize)>,
     data: Vec<f32>,
+    /// The rows as given, `[n, k]` (for the scalar path).
+    xs: &'a [f32],
 }
 
-impl Groups {
-    fn new(xs: &[f32], n: usize, k: usize, widths: &[usize]) -> Self {
+impl<'a> Groups<'a> {
+    fn new(xs: &'a [f32], n: usize, k: usize, widths: &[usize]) -> Self {
         let mut spans = Vec::new();
         let mut data = Vec::with_capacity(n * k);
         let mut r0 = 0;
@@ -181,7 +188,7 @@ impl Groups {
             }
             r0 += r;
         }
-        Self { spans, data }
+        Self { spans, data, xs }
     }
 }
 
@@ -212,117 +219,171 @@ fn one_row_block<S: pulp::Simd, const V: usize, const P: usize>(
     }
 }
 
-/// One task's panels (`panels`, and `out` of `panels / (k·PANEL)` blocks of `[n, PANEL]`)
-/// times every activation row.
-struct Panels<'a> {
+/// One task's panels (`panels`, and `out` of `panels / (k·PANEL)` blocks of `PANEL`) times
+/// one activation row `x` (a lone decode step).
+struct OneRow<'a> {
     panels: &'a [f32],
-    groups: &'a Groups,
-    /// The activation rows as given, `[n, k]` (for the scalar path).
-    xs: &'a [f32],
-    k: usize,
-    n: usize,
+    x: &'a [f32],
     out: &'a mut [f32],
 }
 
-impl Panels<'_> {
-    /// One activation row (a lone decode step): `P` panels at a time, so the weight is read
-    /// as `P` concurrent streams (one sequential stream leaves memory bandwidth unused), each
-    /// output summed in input order as [`tile`] does.
+impl OneRow<'_> {
+    /// `P` panels at a time, so the weight is read as `P` concurrent streams (one sequential
+    /// stream leaves memory bandwidth unused), each output summed in input order as [`tile`]
+    /// does.
     #[inline(always)]
-    fn run_one_row<S: pulp::Simd, const V: usize, const P: usize>(self, simd: S) {
-        let Panels {
-            panels, xs, k, out, ..
-        } = self;
+    fn run<S: pulp::Simd, const V: usize, const P: usize>(self, simd: S) {
+        let OneRow { panels, x, out } = self;
+        let k = x.len();
         let (vecs, _) = S::as_simd_f32s(panels);
         let mut blocks = vecs.chunks_exact(P * k * V);
         let mut dsts = out.chunks_exact_mut(P * PANEL);
         for (w, dst) in (&mut blocks).zip(&mut dsts) {
-            one_row_block::<S, V, P>(simd, w, &xs[..k], dst);
+            one_row_block::<S, V, P>(simd, w, x, dst);
         }
         for (w, dst) in blocks
             .remainder()
             .chunks_exact(k * V)
             .zip(dsts.into_remainder().chunks_exact_mut(PANEL))
         {
-            one_row_block::<S, V, 1>(simd, w, &xs[..k], dst);
-        }
-    }
-
-    #[inline(always)]
-    fn run<S: pulp::Simd, const V: usize>(self, simd: S) {
-        assert_eq!(V * S::F32_LANES, PANEL);
-        if self.n == 1 {
-            // Four panels' 16 accumulators fit AVX-512's registers, not AVX2's.
-            return if V <= 4 {
-                self.run_one_row::<S, V, 4>(simd)
-            } else {
-                self.run_one_row::<S, V, 1>(simd)
-            };
-        }
-        let Panels {
-            panels,
-            groups,
-            k,
-            n,
-            out,
-            ..
-        } = self;
-        let (vecs, _) = S::as_simd_f32s(panels);
-        let zero = simd.splat_f32s(0.0);
-        let mut acc = vec![zero; n * V];
-        for (j, (panel, out)) in vecs
-            .chunks_exact(k * V)
-            .zip(out.chunks_exact_mut(n * PANEL))
-            .enumerate()
-        {
-            let base = j * k * V;
-            acc.fill(zero);
-            let spans = groups.spans.len();
-            for c0 in (0..k).step_by(KC) {
-                let c1 = (c0 + KC).min(k);
-                let pw = &panel[c0 * V..c1 * V];
-                // The next pass's slice (the next panel's first after the last), a share per
-                // group, so it arrives from memory while this one is multiplied.
-                let next =
-                    &vecs[(base + c1 * V).min(vecs.len())..(base + (c1 + KC) * V).min(vecs.len())];
-                let share = next.len().div_ceil(spans).max(1);
-                for (g, &(r0, r, at)) in groups.spans.iter().enumerate() {
-                    prefetch_l2(next.get(g * share..((g + 1) * share).min(next.len())));
-                    let xt = &groups.data[at + c0 * r..at + c1 * r];
-                    let acc = &mut acc[r0 * V..(r0 + r) * V];
-                    match r {
-                        6 => tile::<S, V, 6>(simd, pw, xt, acc),
-                        4 => tile::<S, V, 4>(simd, pw, xt, acc),
-                        2 => tile::<S, V, 2>(simd, pw, xt, acc),
-                        _ => tile::<S, V, 1>(simd, pw, xt, acc),
-                    }
-                }
-            }
-            for (sums, dst) in acc.chunks_exact(V).zip(out.chunks_exact_mut(PANEL)) {
-                S::as_mut_simd_f32s(dst).0[..V].copy_from_slice(sums);
-            }
+            one_row_block::<S, V, 1>(simd, w, x, dst);
         }
     }
 
     /// Without 256-bit vectors (not reached: [`PackedWeight::pack`] declines there): one dot
     /// product at a time, in input order (unfused, so not [`tile`]'s bits).
     fn run_scalar(self) {
-        let (k, n) = (self.k, self.n);
+        let k = self.x.len();
         for (panel, out) in self
             .panels
             .chunks_exact(k * PANEL)
-            .zip(self.out.chunks_exact_mut(n * PANEL))
+            .zip(self.out.chunks_exact_mut(PANEL))
         {
-            for (x, row) in self.xs.chunks_exact(k).zip(out.chunks_exact_mut(PANEL)) {
-                for (c, d) in row.iter_mut().enumerate() {
-                    *d = (0..k).map(|i| panel[i * PANEL + c] * x[i]).sum();
-                }
+            for (c, d) in out.iter_mut().enumerate() {
+                *d = (0..k).map(|i| panel[i * PANEL + c] * self.x[i]).sum();
             }
         }
     }
 }
 
-impl pulp::WithSimd for Panels<'_> {
+impl pulp::WithSimd for OneRow<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        match S::F32_LANES {
+            // Four panels' 16 accumulators fit AVX-512's registers, not AVX2's.
+            16 => self.run::<S, 4, 4>(simd),
+            8 => self.run::<S, 8, 1>(simd),
+            _ => self.run_scalar(),
+        }
+    }
+}
+
+/// A `[n, width]` result that several rayon tasks write at once, each to its own rows of its
+/// own panels' columns.
+struct Out {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tasks write disjoint (row, panel) blocks through `ptr` ([`multiply_rows`] shares
+// out each block once), and the buffer outlives every task (the pass joins them first).
+#[allow(unsafe_code)]
+unsafe impl Send for Out {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl Sync for Out {}
+
+/// Some of the row groups (`groups.spans[span]`) times one panel (`panel` of `data`'s
+/// `[panels, k, PANEL]`), stored into the panel's columns of `out` (`width` a row).
+struct PanelRows<'a> {
+    data: &'a [f32],
+    panel: usize,
+    groups: &'a Groups<'a>,
+    span: std::ops::Range<usize>,
+    k: usize,
+    out: &'a Out,
+    width: usize,
+}
+
+impl PanelRows<'_> {
+    /// The first row and the number of rows of the span.
+    fn rows(&self) -> (usize, usize) {
+        let spans = &self.groups.spans[self.span.clone()];
+        let first = spans.first().map_or(0, |s| s.0);
+        let end = spans.last().map_or(0, |s| s.0 + s.1);
+        (first, end - first)
+    }
+
+    /// Store `PANEL` values (`src`) as row `row`'s columns of this panel in `out`.
+    fn store(&self, row: usize, src: &[f32]) {
+        let at = row * self.width + self.panel * PANEL;
+        assert!(src.len() == PANEL && at + PANEL <= self.out.len);
+        assert!(self.panel * PANEL + PANEL <= self.width);
+        // SAFETY: inside the buffer (checked above), which `src` (our own accumulators) does
+        // not overlap; [`multiply_rows`] gives each (row, panel) block to exactly one
+        // `PanelRows`, which stores it once. Raw stores: the buffer is not initialized yet.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.out.ptr.add(at), PANEL);
+        }
+    }
+
+    /// The panel is walked `KC` input positions at a time, so that slice stays in L1 for every
+    /// group of rows, while the next slice is prefetched into L2, a share per group.
+    #[inline(always)]
+    fn run<S: pulp::Simd, const V: usize>(self, simd: S) {
+        assert_eq!(V * S::F32_LANES, PANEL);
+        let k = self.k;
+        let (vecs, _) = S::as_simd_f32s(self.data);
+        let base = self.panel * k * V;
+        let panel = &vecs[base..base + k * V];
+        let spans = &self.groups.spans[self.span.clone()];
+        let (first, rows) = self.rows();
+        let zero = simd.splat_f32s(0.0);
+        let mut acc = vec![zero; rows * V];
+        for c0 in (0..k).step_by(KC) {
+            let c1 = (c0 + KC).min(k);
+            let pw = &panel[c0 * V..c1 * V];
+            let next =
+                &vecs[(base + c1 * V).min(vecs.len())..(base + (c1 + KC) * V).min(vecs.len())];
+            let share = next.len().div_ceil(spans.len()).max(1);
+            for (g, &(r0, r, at)) in spans.iter().enumerate() {
+                prefetch_l2(next.get(g * share..((g + 1) * share).min(next.len())));
+                let xt = &self.groups.data[at + c0 * r..at + c1 * r];
+                let acc = &mut acc[(r0 - first) * V..(r0 - first + r) * V];
+                match r {
+                    6 => tile::<S, V, 6>(simd, pw, xt, acc),
+                    4 => tile::<S, V, 4>(simd, pw, xt, acc),
+                    2 => tile::<S, V, 2>(simd, pw, xt, acc),
+                    _ => tile::<S, V, 1>(simd, pw, xt, acc),
+                }
+            }
+        }
+        let mut row = [0f32; PANEL];
+        for (i, sums) in acc.chunks_exact(V).enumerate() {
+            S::as_mut_simd_f32s(&mut row).0[..V].copy_from_slice(sums);
+            self.store(first + i, &row);
+        }
+    }
+
+    /// Without 256-bit vectors (not reached: [`PackedWeight::pack`] declines there).
+    fn run_scalar(self) {
+        let k = self.k;
+        let panel = &self.data[self.panel * k * PANEL..(self.panel + 1) * k * PANEL];
+        let (first, rows) = self.rows();
+        for row in first..first + rows {
+            let x = &self.groups.xs[row * k..(row + 1) * k];
+            let sums: Vec<f32> = (0..PANEL)
+                .map(|c| (0..k).map(|i| panel[i * PANEL + c] * x[i]).sum())
+                .collect();
+            self.store(row, &sums);
+        }
+    }
+}
+
+impl pulp::WithSimd for PanelRows<'_> {
     type Output = ();
 
     #[inline(always)]
@@ -333,6 +394,83 @@ impl pulp::WithSimd for Panels<'_> {
             _ => self.run_scalar(),
         }
     }
+}
+
+/// Where each of (at most) `tasks` rayon tasks starts and the last ends, in units of
+/// `(panel, row group)` (`panel · groups + group`) over `panels` panels of `n` rows in the
+/// groups `spans`: task `t` starts at the first group boundary at or after `t / tasks` of
+/// the `panels × n` rows, so the shares differ by less than a group's rows.
+fn shares(spans: &[(usize, usize, usize)], n: usize, panels: usize, tasks: usize) -> Vec<usize> {
+    let g = spans.len();
+    let tasks = tasks.clamp(1, (panels * g).max(1));
+    (0..=tasks)
+        .map(|t| {
+            let at = panels * n * t / tasks;
+            let (panel, row) = (at / n, at % n);
+            panel * g + spans.iter().position(|s| s.0 >= row).unwrap_or(g)
+        })
+        .collect()
+}
+
+/// `xs [n, k] · wᵀ` for each of several packed weights of `k` inputs, `n ≥ 2`: the
+/// `[n, panels · PANEL]` results, in one parallel pass. The rows are interleaved into tile
+/// groups once for all the weights (a layer's q, k and v, or gate and up, read the same
+/// activations). The work, every (panel, row group) of every weight in order, is split into
+/// one contiguous share of equal rows × panels per rayon task, cut at group boundaries: an
+/// odd panel count (the `small` shape's 3- and 9-panel products) no longer leaves a thread
+/// idle for a panel. A task stores each block of its result straight into the `[n, width]`
+/// rows (no transpose). Each output is the same whatever the split ([`tile`]).
+fn multiply_rows(weights: &[&PackedWeight], xs: &[f32], n: usize, k: usize) -> Vec<Vec<f32>> {
+    assert!(n >= 1 && xs.len() == n * k && weights.iter().all(|w| w.k == k));
+    let groups = Groups::new(xs, n, k, tile_widths());
+    let g = groups.spans.len();
+    let counts: Vec<usize> = weights.iter().map(|w| w.out.div_ceil(PANEL)).collect();
+    let total: usize = counts.iter().sum();
+    let bounds = shares(&groups.spans, n, total, rayon::current_num_threads());
+    let mut results: Vec<Vec<f32>> = counts
+        .iter()
+        .map(|c| Vec::with_capacity(n * c * PANEL))
+        .collect();
+    let outs: Vec<Out> = results
+        .iter_mut()
+        .zip(&counts)
+        .map(|(res, c)| Out {
+            ptr: res.as_mut_ptr(),
+            len: n * c * PANEL,
+        })
+        .collect();
+    let arch = pulp::Arch::new();
+    bounds.par_windows(2).for_each(|b| {
+        let (mut unit, end) = (b[0], b[1]);
+        while unit < end {
+            let (mut panel, g0) = (unit / g, unit % g);
+            let g1 = g.min(end - panel * g);
+            unit = panel * g + g1;
+            let mut w = 0;
+            while panel >= counts[w] {
+                panel -= counts[w];
+                w += 1;
+            }
+            arch.dispatch(PanelRows {
+                data: &weights[w].data,
+                panel,
+                groups: &groups,
+                span: g0..g1,
+                k,
+                out: &outs[w],
+                width: counts[w] * PANEL,
+            });
+        }
+    });
+    for (res, c) in results.iter_mut().zip(&counts) {
+        // SAFETY: the tasks' shares together cover every (panel, row group) unit of every
+        // weight once, and each unit stores all of its rows' `PANEL` columns.
+        #[allow(unsafe_code)]
+        unsafe {
+            res.set_len(n * c * PANEL)
+        };
+    }
+    results
 }
 
 /// Tile widths (activation rows per tile) for the CPU's vectors: the `PANEL × R`
@@ -431,13 +569,15 @@ impl PackedWeight {
             {
                 Self::matmul_t_amx_many(weights, x)
             }
+            Ok((n, xk)) if n >= 2 && weights.iter().all(|w| w.k == xk) => {
+                Self::matmul_t_fma_many(weights, x)
+            }
             _ => weights.iter().map(|w| w.matmul_t(x)).collect(),
         }
     }
 
     /// [`Self::matmul_t_many`] on AMX whatever the number of rows.
     fn matmul_t_amx_many(weights: &[&PackedWeight], x: &Tensor) -> Result<Vec<Tensor>> {
-        use candle_core::Storage;
         let (n, xk) = x.dims2()?;
         let mut tiles = Vec::with_capacity(weights.len());
         for w in weights {
@@ -452,42 +592,82 @@ impl PackedWeight {
             }
             tiles.push((t, w.out));
         }
-        // A contiguous f32 CPU input is read in place; anything else is copied once.
-        let (storage, layout) = x.storage_and_layout();
-        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets())
-            && let Ok(xs) = cpu.as_slice::<f32>()
-        {
-            return crate::amx::Tiles::products(&tiles, &xs[start..end], n, xk);
-        }
-        drop(storage);
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        crate::amx::Tiles::products(&tiles, &xs, n, xk)
+        with_rows(x, |xs| crate::amx::Tiles::products(&tiles, xs, n, xk))?
     }
 
     /// [`Self::matmul_t`] on the FMA kernels whatever the number of rows.
     pub fn matmul_t_fma(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dims2().is_ok_and(|(n, _)| n >= 2) {
+            let mut ys = Self::matmul_t_fma_many(&[self], x)?;
+            return Ok(ys.pop().expect("one product for one weight"));
+        }
         let k = self.k;
         panel_product(x, k, self.out, "packed weight", |xs, n, res| {
-            let groups = Groups::new(xs, n, k, tile_widths());
+            debug_assert!(n == 1);
             // An even split: rounding a one-row task up to whole four-panel blocks left one
             // thread idle on the 3- and 9-panel products (small batch-1 decode 36 -> 28 tok/s).
-            let per_task = panels_per_task(res.len() / (n * PANEL));
+            let per_task = panels_per_task(res.len() / PANEL);
             let arch = pulp::Arch::new();
             self.data
                 .par_chunks(per_task * k * PANEL)
-                .zip(res.par_chunks_mut(per_task * n * PANEL))
+                .zip(res.par_chunks_mut(per_task * PANEL))
                 .for_each(|(panels, out)| {
-                    arch.dispatch(Panels {
+                    arch.dispatch(OneRow {
                         panels,
-                        groups: &groups,
-                        xs,
-                        k,
-                        n,
+                        x: &xs[..k],
                         out,
                     })
                 });
         })
     }
+
+    /// [`Self::matmul_t_many`] on the FMA kernels, in one pass ([`multiply_rows`]); a result
+    /// whose width ends in a partial panel is a view of the padded product's first columns.
+    fn matmul_t_fma_many(weights: &[&PackedWeight], x: &Tensor) -> Result<Vec<Tensor>> {
+        let (n, xk) = x.dims2()?;
+        if let Some(w) = weights.iter().find(|w| w.k != xk) {
+            return Err(ModelError::input(
+                "x",
+                format!("packed weight takes {} inputs, got {xk}", w.k),
+            ));
+        }
+        if n == 0 {
+            return weights
+                .iter()
+                .map(|w| Ok(Tensor::zeros((0, w.out), DType::F32, &Device::Cpu)?))
+                .collect();
+        }
+        let results = with_rows(x, |xs| multiply_rows(weights, xs, n, xk))?;
+        results
+            .into_iter()
+            .zip(weights)
+            .map(|(res, w)| {
+                let width = res.len() / n;
+                let t = Tensor::from_vec(res, (n, width), &Device::Cpu)?;
+                Ok(if width == w.out {
+                    t
+                } else {
+                    t.narrow(1, 0, w.out)?
+                })
+            })
+            .collect()
+    }
+}
+
+/// `f` of `x`'s rows as one f32 slice: a contiguous f32 CPU tensor is read in place, anything
+/// else is copied once.
+pub(crate) fn with_rows<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
+    use candle_core::Storage;
+    {
+        let (storage, layout) = x.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets())
+            && let Ok(xs) = cpu.as_slice::<f32>()
+        {
+            return Ok(f(&xs[start..end]));
+        }
+    }
+    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&xs))
 }
 
 /// Panels per rayon task: one contiguous, even share each.
@@ -620,6 +800,102 @@ pub(crate) mod tests {
             let got = packed.matmul_t_fma(&x).expect("matmul_t");
             assert_eq!(got.dims(), &[n, out]);
             assert!(max_diff(&want, &got) < 1e-4, "n {n} out {out} k {k}");
+        }
+    }
+
+    #[test]
+    fn several_weights_in_one_pass_equal_each_product_alone() {
+        // Odd panel counts (3, 1, 5 panels, two partial), so shares start inside a weight and
+        // inside a panel's row groups; 1, 2 and 3 tasks.
+        let k = 70;
+        let weights: Vec<PackedWeight> = [130, 64, 300]
+            .iter()
+            .map(|&out| {
+                let w = Tensor::randn(0f32, 1.0, (out, k), &Device::Cpu).expect("randn");
+                PackedWeight::pack(&w).expect("pack").expect("f32")
+            })
+            .collect();
+        let refs: Vec<&PackedWeight> = weights.iter().collect();
+        let one_pool = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool")
+        };
+        for n in [0, 2, 7, 13, 32] {
+            let x = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).expect("randn");
+            // Alone, on one thread: one task per product, the plain order.
+            let alone: Vec<Vec<Vec<f32>>> = one_pool(1).install(|| {
+                refs.iter()
+                    .map(|w| {
+                        let y = w.matmul_t_fma(&x).expect("alone");
+                        let want = x.matmul(&w_t(w)).expect("matmul");
+                        assert!(n == 0 || max_diff(&want, &y) < 1e-4, "n {n}");
+                        y.to_vec2::<f32>().expect("rows")
+                    })
+                    .collect()
+            });
+            // A strided input is copied first; the same values.
+            let strided = x
+                .t()
+                .expect("t")
+                .contiguous()
+                .expect("copy")
+                .t()
+                .expect("t");
+            for threads in [1, 2, 3] {
+                for input in [&x, &strided] {
+                    let together = one_pool(threads)
+                        .install(|| PackedWeight::matmul_t_many(&refs, input))
+                        .expect("together");
+                    for ((y, w), want) in together.iter().zip(&refs).zip(&alone) {
+                        assert_eq!(y.dims(), &[n, w.out]);
+                        assert_eq!(&y.to_vec2::<f32>().expect("rows"), want, "n {n}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The weight `w` was packed from, `[in, out]` (its transpose), for reference products.
+    fn w_t(w: &PackedWeight) -> Tensor {
+        let (k, out) = (w.k, w.out);
+        let mut t = vec![0f32; k * out];
+        for c in 0..out {
+            let (p, j) = (c / PANEL, c % PANEL);
+            for i in 0..k {
+                t[i * out + c] = w.data[p * k * PANEL + i * PANEL + j];
+            }
+        }
+        Tensor::from_vec(t, (k, out), &Device::Cpu).expect("tensor")
+    }
+
+    #[test]
+    fn shares_cover_every_unit_once_with_even_work() {
+        for n in [2, 7, 32, 64] {
+            let xs = vec![0f32; n];
+            let groups = Groups::new(&xs, n, 1, &[6, 4, 2, 1]);
+            let g = groups.spans.len();
+            for panels in [1, 3, 9, 64] {
+                for tasks in [1, 2, 3, 5] {
+                    let bounds = shares(&groups.spans, n, panels, tasks);
+                    assert_eq!(bounds[0], 0);
+                    assert_eq!(*bounds.last().expect("bounds"), panels * g);
+                    assert!(bounds.windows(2).all(|b| b[0] <= b[1]));
+                    // Rows × panels per share: within a group (6 rows) of an even split.
+                    let rows = |unit: usize| {
+                        (unit / g) * n + groups.spans.get(unit % g).map_or(n, |s| s.0)
+                    };
+                    let even = (panels * n) as f64 / (bounds.len() - 1) as f64;
+                    for b in bounds.windows(2) {
+                        let work = (rows(b[1]) - rows(b[0])) as f64;
+                        assert!(
+                            (work - even).abs() < 6.0,
+                            "n {n} panels {panels} tasks {tasks}: {work} vs {even}"
+                        );
+                    }
+                }
+            }
         }
     }
 
