@@ -188,6 +188,7 @@ mod kernel {
     use rayon::prelude::*;
 
     use super::{Acts, Line, PANEL, ROWS, STEP_LINES};
+    use crate::packed::{Out, Results};
 
     /// `asm!` with every tile register (tmm0–7) declared clobbered, and the given options.
     macro_rules! asm_on_tiles {
@@ -257,18 +258,6 @@ mod kernel {
         }
     }
 
-    /// The `[n, width]` result, written by several tasks at once, each to its own columns.
-    struct Out {
-        ptr: *mut f32,
-        len: usize,
-    }
-
-    // SAFETY: tasks write disjoint column ranges (their own panels) through `ptr`, and the
-    // buffer outlives every task (`multiply` joins them before using it).
-    unsafe impl Send for Out {}
-    // SAFETY: as above.
-    unsafe impl Sync for Out {}
-
     /// `acts · wᵀ` for each weight's tiles in `weights` (panels of `steps` steps): the
     /// `[n, panels · PANEL]` results. The panels of all the weights, in order, are split into
     /// one contiguous, even share per rayon task, each walked in groups that stay in L2 while
@@ -279,22 +268,11 @@ mod kernel {
         let total: usize = counts.iter().sum();
         let per_task = crate::packed::panels_per_task(total).max(1);
         let group = (super::GROUP_BYTES / (panel_lines * 64)).clamp(1, per_task);
-        let mut results: Vec<Vec<f32>> = counts
-            .iter()
-            .map(|c| Vec::with_capacity(acts.n * c * PANEL))
-            .collect();
-        let outs: Vec<Out> = results
-            .iter_mut()
-            .zip(&counts)
-            .map(|(res, c)| Out {
-                ptr: res.as_mut_ptr(),
-                len: acts.n * c * PANEL,
-            })
-            .collect();
+        let results = Results::new(acts.n, &counts);
         (0..total.div_ceil(per_task)).into_par_iter().for_each(|t| {
             let (first, end) = (t * per_task, ((t + 1) * per_task).min(total));
             let mut base = 0;
-            for ((data, &count), out) in weights.iter().zip(&counts).zip(&outs) {
+            for ((data, &count), out) in weights.iter().zip(&counts).zip(&results.outs) {
                 let (from, to) = (first.max(base), end.min(base + count));
                 for g in (from..to).step_by(group) {
                     let (g0, g1) = (g - base, (g + group).min(to) - base);
@@ -304,12 +282,9 @@ mod kernel {
                 base += count;
             }
         });
-        for (res, c) in results.iter_mut().zip(&counts) {
-            // SAFETY: the tasks together cover every panel of every weight, and `product`
-            // stores all `n` rows of each of its panels' 64 columns: all values are written.
-            unsafe { res.set_len(acts.n * c * PANEL) };
-        }
-        results
+        // SAFETY: the tasks together cover every panel of every weight, and `product` stores
+        // all `n` rows of each of its panels' 64 columns: all values are written.
+        unsafe { results.written() }
     }
 
     /// Multiply every activation row of `acts` by the panels of `chunk` (each `steps` steps

@@ -280,20 +280,59 @@ impl pulp::WithSimd for OneRow<'_> {
     }
 }
 
-/// A `[n, width]` result that several rayon tasks write at once, each to its own rows of its
-/// own panels' columns.
-struct Out {
-    ptr: *mut f32,
-    len: usize,
+/// A `[n, width]` result that several rayon tasks write at once, each to its own (row,
+/// panel) blocks ([`multiply_rows`], and the AMX pass).
+pub(crate) struct Out {
+    pub(crate) ptr: *mut f32,
+    pub(crate) len: usize,
 }
 
-// SAFETY: tasks write disjoint (row, panel) blocks through `ptr` ([`multiply_rows`] shares
-// out each block once), and the buffer outlives every task (the pass joins them first).
+// SAFETY: the passes give each block of a result to one task, which writes it through `ptr`,
+// and the buffer outlives every task (a pass joins them before using it).
 #[allow(unsafe_code)]
 unsafe impl Send for Out {}
 // SAFETY: as above.
 #[allow(unsafe_code)]
 unsafe impl Sync for Out {}
+
+/// The `[n, count · PANEL]` results of a pass over several weights (`counts` panels each),
+/// not yet written, and an [`Out`] for each.
+pub(crate) struct Results {
+    pub(crate) results: Vec<Vec<f32>>,
+    pub(crate) outs: Vec<Out>,
+}
+
+impl Results {
+    pub(crate) fn new(n: usize, counts: &[usize]) -> Self {
+        let mut results: Vec<Vec<f32>> = counts
+            .iter()
+            .map(|c| Vec::with_capacity(n * c * PANEL))
+            .collect();
+        let outs = results
+            .iter_mut()
+            .zip(counts)
+            .map(|(res, c)| Out {
+                ptr: res.as_mut_ptr(),
+                len: n * c * PANEL,
+            })
+            .collect();
+        Self { results, outs }
+    }
+
+    /// The results, once the pass wrote every value of them.
+    ///
+    /// # Safety
+    /// Every one of the `n · count · PANEL` values of every result has been written.
+    #[allow(unsafe_code)]
+    pub(crate) unsafe fn written(self) -> Vec<Vec<f32>> {
+        let Self { mut results, outs } = self;
+        for (res, out) in results.iter_mut().zip(&outs) {
+            // SAFETY: the caller's promise; the result was made with `out.len` of capacity.
+            unsafe { res.set_len(out.len) };
+        }
+        results
+    }
+}
 
 /// Some of the row groups (`groups.spans[span]`) times one panel (`panel` of `data`'s
 /// `[panels, k, PANEL]`), stored into the panel's columns of `out` (`width` a row).
@@ -427,18 +466,7 @@ fn multiply_rows(weights: &[&PackedWeight], xs: &[f32], n: usize, k: usize) -> V
     let counts: Vec<usize> = weights.iter().map(|w| w.out.div_ceil(PANEL)).collect();
     let total: usize = counts.iter().sum();
     let bounds = shares(&groups.spans, n, total, rayon::current_num_threads());
-    let mut results: Vec<Vec<f32>> = counts
-        .iter()
-        .map(|c| Vec::with_capacity(n * c * PANEL))
-        .collect();
-    let outs: Vec<Out> = results
-        .iter_mut()
-        .zip(&counts)
-        .map(|(res, c)| Out {
-            ptr: res.as_mut_ptr(),
-            len: n * c * PANEL,
-        })
-        .collect();
+    let results = Results::new(n, &counts);
     let arch = pulp::Arch::new();
     bounds.par_windows(2).for_each(|b| {
         let (mut unit, end) = (b[0], b[1]);
@@ -457,20 +485,17 @@ fn multiply_rows(weights: &[&PackedWeight], xs: &[f32], n: usize, k: usize) -> V
                 groups: &groups,
                 span: g0..g1,
                 k,
-                out: &outs[w],
+                out: &results.outs[w],
                 width: counts[w] * PANEL,
             });
         }
     });
-    for (res, c) in results.iter_mut().zip(&counts) {
-        // SAFETY: the tasks' shares together cover every (panel, row group) unit of every
-        // weight once, and each unit stores all of its rows' `PANEL` columns.
-        #[allow(unsafe_code)]
-        unsafe {
-            res.set_len(n * c * PANEL)
-        };
+    // SAFETY: the tasks' shares together cover every (panel, row group) unit of every weight
+    // once, and each unit stores all of its rows' `PANEL` columns.
+    #[allow(unsafe_code)]
+    unsafe {
+        results.written()
     }
-    results
 }
 
 /// Tile widths (activation rows per tile) for the CPU's vectors: the `PANEL × R`
