@@ -648,11 +648,31 @@ impl TokenAttention {
         let scale = scale as f32;
         let mut out = vec![0f32; n * nh * hd];
         let arch = pulp::Arch::new();
-        // One task a token (all its kv heads): a decode step's tasks are each only a few
-        // hundred nanoseconds per head.
-        out.par_chunks_mut(nh * hd)
+        // A few tasks a thread, each a run of tokens (all their kv heads): a decode step's
+        // tokens are each only a few microseconds. While a token attends, the next one's keys
+        // and values are fetched into L2: a sequence's blocks lie anywhere in the cache, so
+        // the hardware prefetchers stop at every block, and a decode step reads the whole
+        // context of every sequence from memory.
+        let per_task = n.div_ceil(4 * rayon::current_num_threads()).max(1);
+        let kv = |h: usize| KvBlocks {
+            ks,
+            vs,
+            kv_head: h,
+            nkv,
+            hd,
+            block: self.block_size,
+        };
+        out.par_chunks_mut(per_task * nh * hd)
             .enumerate()
+            .flat_map_iter(|(t, o)| {
+                o.chunks_exact_mut(nh * hd)
+                    .enumerate()
+                    .map(move |(i, o)| (t * per_task + i, o))
+            })
             .for_each(|(row, o)| {
+                if let Some((table, visible)) = self.tokens.get(row + 1) {
+                    self.prefetch(&kv(0), &self.blocks[table.clone()], visible.clone());
+                }
                 let (table, visible) = &self.tokens[row];
                 for (h, o) in o.chunks_exact_mut(groups * hd).enumerate() {
                     let heads = row * nh + h * groups;
@@ -660,14 +680,7 @@ impl TokenAttention {
                         blocks: &self.blocks[table.clone()],
                         visible: visible.clone(),
                         q: &qs[heads * hd..(heads + groups) * hd],
-                        kv: KvBlocks {
-                            ks,
-                            vs,
-                            kv_head: h,
-                            nkv,
-                            hd,
-                            block: self.block_size,
-                        },
+                        kv: kv(h),
                         scale,
                         out: o,
                     })
@@ -676,6 +689,33 @@ impl TokenAttention {
         drop((qst, kst, vst));
         Ok(Tensor::from_vec(out, (n, nh * hd), q.device())?)
     }
+}
+
+impl TokenAttention {
+    /// Ask for the keys and values of every kv head that a token seeing `visible` of the
+    /// sequence's `blocks` reads, into L2, without waiting for them (`kv` is head 0's).
+    fn prefetch(&self, kv: &KvBlocks<'_>, blocks: &[u32], visible: std::ops::Range<usize>) {
+        if visible.is_empty() {
+            return;
+        }
+        let bs = self.block_size;
+        let heads = kv.nkv * kv.hd;
+        for b in &blocks[visible.start / bs..=(visible.end - 1) / bs] {
+            // A block's keys of all kv heads are contiguous.
+            let at = *b as usize * heads * bs;
+            crate::packed::prefetch_l2(kv.ks.get(at..at + heads * bs));
+        }
+        for p in visible {
+            let at = slot_of(blocks, bs, p) * heads;
+            crate::packed::prefetch_l2(kv.vs.get(at..at + heads));
+        }
+    }
+}
+
+/// The cache slot of position `p` of a sequence with `blocks` of `block_size` slots.
+#[inline(always)]
+fn slot_of(blocks: &[u32], block_size: usize, p: usize) -> usize {
+    blocks[p / block_size] as usize * block_size + p % block_size
 }
 
 /// Attention with candle ops, for any dtype or device: decode tokens (sequences bringing one
@@ -1028,8 +1068,7 @@ impl AttendHead<'_> {
     /// The slot of visible position `p`.
     #[inline(always)]
     fn slot(&self, p: usize) -> usize {
-        let bs = self.kv.block;
-        self.blocks[p / bs] as usize * bs + p % bs
+        slot_of(self.blocks, self.kv.block, p)
     }
 
     /// `V` vectors a head, `G` query heads: each cached value row is loaded once into

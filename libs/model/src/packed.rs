@@ -142,7 +142,7 @@ fn tile<S: pulp::Simd, const V: usize, const R: usize>(
 
 /// Ask for `data` in L2 (one hint per cache line) without waiting for it.
 #[inline(always)]
-fn prefetch_l2<T>(data: Option<&[T]>) {
+pub(crate) fn prefetch_l2<T>(data: Option<&[T]>) {
     #[cfg(target_arch = "x86_64")]
     if let Some(data) = data {
         let bytes = std::mem::size_of_val(data);
