@@ -689,9 +689,7 @@ impl TokenAttention {
         drop((qst, kst, vst));
         Ok(Tensor::from_vec(out, (n, nh * hd), q.device())?)
     }
-}
 
-impl TokenAttention {
     /// Ask for the keys and values of every kv head that a token seeing `visible` of the
     /// sequence's `blocks` reads, into L2, without waiting for them (`kv` is head 0's).
     fn prefetch(&self, kv: &KvBlocks<'_>, blocks: &[u32], visible: std::ops::Range<usize>) {

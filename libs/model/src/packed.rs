@@ -720,10 +720,9 @@ pub(crate) fn panel_product(
     if n == 0 {
         return Ok(Tensor::zeros((0, out), DType::F32, &Device::Cpu)?);
     }
-    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let panels = out.div_ceil(PANEL);
     let mut res = vec![0f32; panels * n * PANEL];
-    fill(&xs, n, &mut res);
+    with_rows(x, |xs| fill(xs, n, &mut res))?;
     let t = Tensor::from_vec(res, (panels, n, PANEL), &Device::Cpu)?;
     let t = if n == 1 {
         t.reshape((1, panels * PANEL))?
@@ -833,12 +832,13 @@ pub(crate) mod tests {
         // Odd panel counts (3, 1, 5 panels, two partial), so shares start inside a weight and
         // inside a panel's row groups; 1, 2 and 3 tasks.
         let k = 70;
-        let weights: Vec<PackedWeight> = [130, 64, 300]
+        let floats: Vec<Tensor> = [130, 64, 300]
             .iter()
-            .map(|&out| {
-                let w = Tensor::randn(0f32, 1.0, (out, k), &Device::Cpu).expect("randn");
-                PackedWeight::pack(&w).expect("pack").expect("f32")
-            })
+            .map(|&out| Tensor::randn(0f32, 1.0, (out, k), &Device::Cpu).expect("randn"))
+            .collect();
+        let weights: Vec<PackedWeight> = floats
+            .iter()
+            .map(|w| PackedWeight::pack(w).expect("pack").expect("f32"))
             .collect();
         let refs: Vec<&PackedWeight> = weights.iter().collect();
         let one_pool = |threads: usize| {
@@ -852,9 +852,10 @@ pub(crate) mod tests {
             // Alone, on one thread: one task per product, the plain order.
             let alone: Vec<Vec<Vec<f32>>> = one_pool(1).install(|| {
                 refs.iter()
-                    .map(|w| {
+                    .zip(&floats)
+                    .map(|(w, f)| {
                         let y = w.matmul_t_fma(&x).expect("alone");
-                        let want = x.matmul(&w_t(w)).expect("matmul");
+                        let want = x.matmul(&f.t().expect("t")).expect("matmul");
                         assert!(n == 0 || max_diff(&want, &y) < 1e-4, "n {n}");
                         y.to_vec2::<f32>().expect("rows")
                     })
@@ -880,19 +881,6 @@ pub(crate) mod tests {
                 }
             }
         }
-    }
-
-    /// The weight `w` was packed from, `[in, out]` (its transpose), for reference products.
-    fn w_t(w: &PackedWeight) -> Tensor {
-        let (k, out) = (w.k, w.out);
-        let mut t = vec![0f32; k * out];
-        for c in 0..out {
-            let (p, j) = (c / PANEL, c % PANEL);
-            for i in 0..k {
-                t[i * out + c] = w.data[p * k * PANEL + i * PANEL + j];
-            }
-        }
-        Tensor::from_vec(t, (k, out), &Device::Cpu).expect("tensor")
     }
 
     #[test]
