@@ -107,29 +107,35 @@ pub struct PackedWeight {
 /// the whole panel from L2.
 const KC: usize = 64;
 
-/// Multiply `KC` (or fewer) input positions of a panel by the `R` activation rows of `xt`
-/// (interleaved: `xt[i·R + r]` is row `r`'s input `i`), adding into `acc` (row `r`'s sums at
-/// `acc[r·V..]`): one load of each weight vector and one broadcast per row for every input
-/// position, no horizontal sums. With AVX-512 a panel is 4 vectors, so even one row has 4
-/// independent FMA chains, and 6 rows keep 24 accumulators in registers (10 loads per 24
-/// FMAs). Every output is summed in input order whatever `R` is: up to [`max_rows`] rows, a
-/// row's product does not depend on what else is in the batch (larger batches go through
-/// candle's gemm; attention of a lone decode token differs from a group's).
+/// Multiply `KC` (or fewer) input positions of a panel by `R` activation rows (`xs` holds
+/// the rows from the first of them on, `k` apart; `c0` is the first input position), adding
+/// into `acc` (row `r`'s sums at `acc[r·V..]`): one load of each weight vector and one
+/// broadcast per row for every input position, no horizontal sums. The rows are read where
+/// they lie (one stream each, `R` + 1 streams with the panel's), so a product needs no copy
+/// of its input. With AVX-512 a panel is 4 vectors, so even one row has 4 independent FMA
+/// chains, and 6 rows keep 24 accumulators in registers (10 loads per 24 FMAs). Every output
+/// is summed in input order whatever `R` is: up to [`max_rows`] rows, a row's product does
+/// not depend on what else is in the batch (larger batches go through candle's gemm;
+/// attention of a lone decode token differs from a group's).
 #[inline(always)]
 fn tile<S: pulp::Simd, const V: usize, const R: usize>(
     simd: S,
     panel: &[S::f32s],
-    xt: &[f32],
+    xs: &[f32],
+    k: usize,
+    c0: usize,
     acc: &mut [S::f32s],
 ) {
+    let c = panel.len() / V;
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &xs[r * k + c0..r * k + c0 + c]);
     let mut sums: [[S::f32s; V]; R] = std::array::from_fn(|r| {
         let a = &acc[r * V..(r + 1) * V];
         std::array::from_fn(|v| a[v])
     });
-    for (w, x) in panel.chunks_exact(V).zip(xt.chunks_exact(R)) {
+    for (i, w) in panel.chunks_exact(V).enumerate() {
         let w: [S::f32s; V] = std::array::from_fn(|v| w[v]);
-        for (sums, &x) in sums.iter_mut().zip(x) {
-            let b = simd.splat_f32s(x);
+        for (sums, row) in sums.iter_mut().zip(&rows) {
+            let b = simd.splat_f32s(row[i]);
             for v in 0..V {
                 sums[v] = simd.mul_add_e_f32s(w[v], b, sums[v]);
             }
@@ -162,33 +168,26 @@ pub(crate) fn prefetch_l2<T>(data: Option<&[T]>) {
     let _ = data;
 }
 
-/// Activation rows in tile groups (`R` rows each, interleaved by input position), so every
-/// tile reads its rows as one contiguous stream.
+/// Activation rows `[n, k]` (read in place) in tile groups of `R` rows each.
 struct Groups<'a> {
-    /// `(first row, rows, offset into data)` per group.
-    spans: Vec<(usize, usize, usize)>,
-    data: Vec<f32>,
-    /// The rows as given, `[n, k]` (for the scalar path).
+    /// `(first row, rows)` per group.
+    spans: Vec<(usize, usize)>,
     xs: &'a [f32],
 }
 
 impl<'a> Groups<'a> {
-    fn new(xs: &'a [f32], n: usize, k: usize, widths: &[usize]) -> Self {
+    fn new(xs: &'a [f32], n: usize, widths: &[usize]) -> Self {
         let mut spans = Vec::new();
-        let mut data = Vec::with_capacity(n * k);
         let mut r0 = 0;
         while r0 < n {
             let r = *widths
                 .iter()
                 .find(|&&w| w <= n - r0)
                 .expect("widths end with 1");
-            spans.push((r0, r, data.len()));
-            for i in 0..k {
-                data.extend((r0..r0 + r).map(|row| xs[row * k + i]));
-            }
+            spans.push((r0, r));
             r0 += r;
         }
-        Self { spans, data, xs }
+        Self { spans, xs }
     }
 }
 
@@ -388,15 +387,15 @@ impl PanelRows<'_> {
             let next =
                 &vecs[(base + c1 * V).min(vecs.len())..(base + (c1 + KC) * V).min(vecs.len())];
             let share = next.len().div_ceil(spans.len()).max(1);
-            for (g, &(r0, r, at)) in spans.iter().enumerate() {
+            for (g, &(r0, r)) in spans.iter().enumerate() {
                 prefetch_l2(next.get(g * share..((g + 1) * share).min(next.len())));
-                let xt = &self.groups.data[at + c0 * r..at + c1 * r];
+                let xs = &self.groups.xs[r0 * k..(r0 + r) * k];
                 let acc = &mut acc[(r0 - first) * V..(r0 - first + r) * V];
                 match r {
-                    6 => tile::<S, V, 6>(simd, pw, xt, acc),
-                    4 => tile::<S, V, 4>(simd, pw, xt, acc),
-                    2 => tile::<S, V, 2>(simd, pw, xt, acc),
-                    _ => tile::<S, V, 1>(simd, pw, xt, acc),
+                    6 => tile::<S, V, 6>(simd, pw, xs, k, c0, acc),
+                    4 => tile::<S, V, 4>(simd, pw, xs, k, c0, acc),
+                    2 => tile::<S, V, 2>(simd, pw, xs, k, c0, acc),
+                    _ => tile::<S, V, 1>(simd, pw, xs, k, c0, acc),
                 }
             }
         }
@@ -439,7 +438,7 @@ impl pulp::WithSimd for PanelRows<'_> {
 /// `(panel, row group)` (`panel · groups + group`) over `panels` panels of `n` rows in the
 /// groups `spans`: task `t` starts at the first group boundary at or after `t / tasks` of
 /// the `panels × n` rows, so the shares differ by less than a group's rows.
-fn shares(spans: &[(usize, usize, usize)], n: usize, panels: usize, tasks: usize) -> Vec<usize> {
+fn shares(spans: &[(usize, usize)], n: usize, panels: usize, tasks: usize) -> Vec<usize> {
     let g = spans.len();
     let tasks = tasks.clamp(1, (panels * g).max(1));
     (0..=tasks)
@@ -452,16 +451,15 @@ fn shares(spans: &[(usize, usize, usize)], n: usize, panels: usize, tasks: usize
 }
 
 /// `xs [n, k] · wᵀ` for each of several packed weights of `k` inputs, `n ≥ 2`: the
-/// `[n, panels · PANEL]` results, in one parallel pass. The rows are interleaved into tile
-/// groups once for all the weights (a layer's q, k and v, or gate and up, read the same
-/// activations). The work, every (panel, row group) of every weight in order, is split into
+/// `[n, panels · PANEL]` results, in one parallel pass (a layer's q, k and v, or gate and
+/// up, read the same activations). The rows are read in place, in tile groups. The work, every (panel, row group) of every weight in order, is split into
 /// one contiguous share of equal rows × panels per rayon task, cut at group boundaries: an
 /// odd panel count (the `small` shape's 3- and 9-panel products) no longer leaves a thread
 /// idle for a panel. A task stores each block of its result straight into the `[n, width]`
 /// rows (no transpose). Each output is the same whatever the split ([`tile`]).
 fn multiply_rows(weights: &[&PackedWeight], xs: &[f32], n: usize, k: usize) -> Vec<Vec<f32>> {
     assert!(n >= 1 && xs.len() == n * k && weights.iter().all(|w| w.k == k));
-    let groups = Groups::new(xs, n, k, tile_widths());
+    let groups = Groups::new(xs, n, tile_widths());
     let g = groups.spans.len();
     let counts: Vec<usize> = weights.iter().map(|w| w.out.div_ceil(PANEL)).collect();
     let total: usize = counts.iter().sum();
@@ -887,7 +885,7 @@ pub(crate) mod tests {
     fn shares_cover_every_unit_once_with_even_work() {
         for n in [2, 7, 32, 64] {
             let xs = vec![0f32; n];
-            let groups = Groups::new(&xs, n, 1, &[6, 4, 2, 1]);
+            let groups = Groups::new(&xs, n, &[6, 4, 2, 1]);
             let g = groups.spans.len();
             for panels in [1, 3, 9, 64] {
                 for tasks in [1, 2, 3, 5] {
