@@ -10,10 +10,13 @@ Prints one JSON object:
      "transformers": "5.x", "torch": "2.x", "threads": 2}
 
 `decode` excludes the prefill (a 1-token generate is timed and subtracted), as BENCH.md's
-reference figures do; `generate` is the whole call, prefill included.
+reference figures do; `generate` is the whole call, prefill included. Each time is the median
+of `--repeats` runs (whole and 1-token calls alternating): one run of the `small` shape moved
+by ±15% between invocations on the same machine.
 """
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -43,6 +46,7 @@ def main():
     ap.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per timing (median)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -56,14 +60,18 @@ def main():
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "threads": args.threads,
+        "repeats": max(args.repeats, 1),
     }
     with torch.no_grad():
         for batch in [int(b) for b in args.batches.split(",") if b.strip()]:
             # Ids 0-2 are the special tokens of lmforge's checkpoints, as in the Rust client.
             ids = torch.randint(3, vocab, (batch, args.prompt_len))
             timed_generate(model, ids, 1)  # warm-up
-            full = timed_generate(model, ids, args.output_len)
-            prefill = timed_generate(model, ids, 1)
+            fulls, prefills = [], []
+            for _ in range(max(args.repeats, 1)):
+                fulls.append(timed_generate(model, ids, args.output_len))
+                prefills.append(timed_generate(model, ids, 1))
+            full, prefill = statistics.median(fulls), statistics.median(prefills)
             tokens = batch * args.output_len
             out["generate"][str(batch)] = tokens / full
             out["decode"][str(batch)] = tokens / max(full - prefill, 1e-9)
