@@ -452,11 +452,12 @@ fn shares(spans: &[(usize, usize)], n: usize, panels: usize, tasks: usize) -> Ve
 
 /// `xs [n, k] · wᵀ` for each of several packed weights of `k` inputs, `n ≥ 2`: the
 /// `[n, panels · PANEL]` results, in one parallel pass (a layer's q, k and v, or gate and
-/// up, read the same activations). The rows are read in place, in tile groups. The work, every (panel, row group) of every weight in order, is split into
-/// one contiguous share of equal rows × panels per rayon task, cut at group boundaries: an
-/// odd panel count (the `small` shape's 3- and 9-panel products) no longer leaves a thread
-/// idle for a panel. A task stores each block of its result straight into the `[n, width]`
-/// rows (no transpose). Each output is the same whatever the split ([`tile`]).
+/// up, read the same activations, in place, in tile groups). The work, every (panel, row
+/// group) of every weight in order, is split into one contiguous share of equal rows ×
+/// panels per rayon task, cut at group boundaries: an odd panel count (the `small` shape's
+/// 3- and 9-panel products) no longer leaves a thread idle for a panel. A task stores each
+/// block of its result straight into the `[n, width]` rows (no transpose). Each output is
+/// the same whatever the split ([`tile`]).
 fn multiply_rows(weights: &[&PackedWeight], xs: &[f32], n: usize, k: usize) -> Vec<Vec<f32>> {
     assert!(n >= 1 && xs.len() == n * k && weights.iter().all(|w| w.k == k));
     let groups = Groups::new(xs, n, tile_widths());
