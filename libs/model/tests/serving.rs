@@ -395,3 +395,75 @@ fn greedy_decode(model: &Model, seed: u64) -> Vec<Vec<f32>> {
     }
     out
 }
+
+#[test]
+fn long_contexts_attend_over_many_key_vectors() {
+    // Contexts of 5 to 7 vectors of positions, in blocks of 16 and 32: the token attention
+    // kernel scores four vectors of a head at a time, then the rest one by one; a block of 32
+    // holds two vectors, so a group of four spans blocks at both offsets.
+    for (heads, kv_heads, head_dim) in [(4, 2, 32), (3, 1, 64)] {
+        let mut cfg = common::micro_config(Architecture::Llama, false);
+        (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        ) = (heads, kv_heads, head_dim);
+        cfg.hidden_size = heads * head_dim;
+        cfg.max_position_embeddings = 128;
+        let map = common::random_weights(&cfg, DType::F32, 5, 0.2);
+        let model = Model::new(&cfg, &map).expect("model");
+        let mut serving = model.clone();
+        serving
+            .pack_for_serving_with(F32Products::Exact)
+            .expect("pack");
+        for block in [16, 32] {
+            let mut cache =
+                PagedKvCache::new(&cfg, 24, block, DType::F32, &Device::Cpu).expect("cache");
+            let lens = [70usize, 99, 83];
+            let tokens: Vec<Vec<u32>> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| common::random_tokens(len, cfg.vocab_size, 40 + i as u64))
+                .collect();
+            let mut tables = vec![BlockTable::default(); lens.len()];
+            let mut fed = vec![0usize; lens.len()];
+            // The prompts but their last two tokens as one chunk each, then two decode steps.
+            for step in 0..3 {
+                let chunk = |len: usize| if step == 0 { len - 2 } else { 1 };
+                let mut inputs: Vec<SeqInput<'_>> = tables
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, table)| SeqInput {
+                        tokens: &tokens[i][fed[i]..fed[i] + chunk(lens[i])],
+                        table,
+                    })
+                    .collect();
+                let logits = serving
+                    .forward_batch(&mut cache, &mut inputs)
+                    .expect("batched forward");
+                drop(inputs);
+                for (i, &len) in lens.iter().enumerate() {
+                    fed[i] += chunk(len);
+                    let ids = Tensor::new(&tokens[i][..fed[i]], &Device::Cpu)
+                        .and_then(|t| t.unsqueeze(0))
+                        .expect("ids");
+                    let full = model
+                        .forward_train(&ids, None, None)
+                        .expect("training forward");
+                    let want = full
+                        .get(0)
+                        .and_then(|r| r.get(fed[i] - 1))
+                        .expect("last position");
+                    let got = logits.get(i).expect("row");
+                    let d = common::max_abs_diff(&want, &got);
+                    assert!(
+                        d < 1e-4,
+                        "heads {heads}/{kv_heads}×{head_dim}, blocks of {block}: sequence {i} \
+                         at position {}: max diff {d}",
+                        fed[i] - 1
+                    );
+                }
+            }
+        }
+    }
+}
