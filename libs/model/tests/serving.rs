@@ -205,19 +205,26 @@ fn batched_paged_decode_on_amx_matches_training_forward_within_its_error() {
     run_schedule(&cfg, Some(F32Products::Amx));
 }
 
+/// The micro Llama config with `heads` query heads and `kv_heads` kv heads of `head_dim`
+/// (hidden size `heads · head_dim`).
+fn llama_with_heads(heads: usize, kv_heads: usize, head_dim: usize) -> ModelConfig {
+    let mut cfg = common::micro_config(Architecture::Llama, false);
+    (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    ) = (heads, kv_heads, head_dim);
+    cfg.hidden_size = heads * head_dim;
+    cfg
+}
+
 #[test]
 fn batched_paged_decode_with_vector_wide_blocks_matches_training_forward() {
     // Blocks of 8, 16 and 32 positions: a block's keys are one or more AVX2 or AVX-512
     // vectors a dimension, the token attention kernel's vector path (the services' block
     // size is 16).
     for (heads, kv_heads, head_dim) in [(4, 2, 4), (4, 2, 32), (3, 1, 64)] {
-        let mut cfg = common::micro_config(Architecture::Llama, false);
-        (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        ) = (heads, kv_heads, head_dim);
-        cfg.hidden_size = heads * head_dim;
+        let cfg = llama_with_heads(heads, kv_heads, head_dim);
         for cache in [(8, 6), (16, 3), (32, 3)] {
             run_schedule_in(&cfg, Some(F32Products::Exact), DType::F32, cache);
         }
@@ -402,13 +409,7 @@ fn long_contexts_attend_over_many_key_vectors() {
     // kernel scores four vectors of a head at a time, then the rest one by one; a block of 32
     // holds two vectors, so a group of four spans blocks at both offsets.
     for (heads, kv_heads, head_dim) in [(4, 2, 32), (3, 1, 64)] {
-        let mut cfg = common::micro_config(Architecture::Llama, false);
-        (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        ) = (heads, kv_heads, head_dim);
-        cfg.hidden_size = heads * head_dim;
+        let mut cfg = llama_with_heads(heads, kv_heads, head_dim);
         cfg.max_position_embeddings = 128;
         let map = common::random_weights(&cfg, DType::F32, 5, 0.2);
         let model = Model::new(&cfg, &map).expect("model");
