@@ -6,15 +6,15 @@
 //! rows, stored input-position-major, so one step of the inner loop loads `PANEL` weights as
 //! whole vectors and multiplies them by one broadcast activation per row (an outer product,
 //! as in GEMM micro-kernels: no horizontal sums). A tile keeps `PANEL × R` accumulators in
-//! registers (`R` up to 6 rows with AVX-512, 1 with AVX2). Panels are walked `KC` input
-//! positions at a time so that slice stays in L1 for every group of rows (the next slice is
-//! prefetched into L2 meanwhile). A product of several rows, or of several weights of the same
-//! input (a layer's q, k and v; gate and up), is one parallel pass: every (panel, row group)
-//! of every weight, in order, split into one contiguous share of equal work per rayon thread
-//! ([`multiply_rows`]), each block stored straight into the `[n, out]` result. The
-//! loops are plain Rust compiled for the best instruction set the CPU has at run time (`pulp`
-//! dispatch). CPUs without AVX2 (and non-x86 ones) keep candle's matmul:
-//! [`PackedWeight::pack`] declines there.
+//! registers (`R` up to 6 rows with AVX-512, 1 with AVX2). Panels are walked 32 or 64 input
+//! positions at a time (by the number of rows) so that slice stays in L1 for every group of
+//! rows (the next slice is prefetched into L2 meanwhile). A product of several rows, or of
+//! several weights of the same input (a layer's q, k and v; gate and up), is one parallel
+//! pass: every (panel, row group) of every weight, in order, split into one contiguous share
+//! of equal work per rayon thread ([`multiply_rows`]), each block stored straight into the
+//! `[n, out]` result. The loops are plain Rust compiled for the best instruction set the CPU
+//! has at run time (`pulp` dispatch). CPUs without AVX2 (and non-x86 ones) keep candle's
+//! matmul: [`PackedWeight::pack`] declines there.
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -107,16 +107,27 @@ pub struct PackedWeight {
 /// the whole panel from L2.
 const KC: usize = 64;
 
-/// Multiply `KC` (or fewer) input positions of a panel by `R` activation rows (`xs` holds
-/// the rows from the first of them on, `k` apart; `c0` is the first input position), adding
-/// into `acc` (row `r`'s sums at `acc[r·V..]`): one load of each weight vector and one
-/// broadcast per row for every input position, no horizontal sums. The rows are read where
-/// they lie (one stream each, `R` + 1 streams with the panel's), so a product needs no copy
-/// of its input. With AVX-512 a panel is 4 vectors, so even one row has 4 independent FMA
-/// chains, and 6 rows keep 24 accumulators in registers (10 loads per 24 FMAs). Every output
-/// is summed in input order whatever `R` is: up to [`max_rows`] rows, a row's product does
-/// not depend on what else is in the batch (larger batches go through candle's gemm;
-/// attention of a lone decode token differs from a group's).
+/// Input positions per pass over a panel for a product of `rows` activation rows: half of
+/// [`KC`] from 8 to 48 rows. Measured on `small` decode steps (`examples/decode_steps.rs`,
+/// steps of the two lengths alternating in one process, a 2-core AMD EPYC with AVX-512):
+/// 32-position slices take 10-15% off a step at 8-16 rows and 5-8% at 32-40, but add 5-9%
+/// at 4-6 rows (one tile group) and 0-5% at 56-64. The sums run in input order either way,
+/// so the results are the same bits.
+fn slice_len(rows: usize) -> usize {
+    if (8..=48).contains(&rows) { KC / 2 } else { KC }
+}
+
+/// Multiply a slice of input positions ([`slice_len`]) of a panel by `R` activation rows
+/// (`xs` holds the rows from the first of them on, `k` apart; `c0` is the first input
+/// position), adding into `acc` (row `r`'s sums at `acc[r·V..]`): one load of each weight
+/// vector and one broadcast per row for every input position, no horizontal sums. The rows
+/// are read where they lie (one stream each, `R` + 1 streams with the panel's), so a product
+/// needs no copy of its input. With AVX-512 a panel is 4 vectors, so even one row has 4
+/// independent FMA chains, and 6 rows keep 24 accumulators in registers (10 loads per 24
+/// FMAs). Every output is summed in input order whatever `R` is (and whatever the slice
+/// length): up to [`max_rows`] rows, a row's product does not depend on what else is in the
+/// batch (larger batches go through candle's gemm; attention of a lone decode token differs
+/// from a group's).
 #[inline(always)]
 fn tile<S: pulp::Simd, const V: usize, const R: usize>(
     simd: S,
@@ -343,6 +354,8 @@ struct PanelRows<'a> {
     k: usize,
     out: &'a Out,
     width: usize,
+    /// Input positions per pass over the panel ([`slice_len`]).
+    slice: usize,
 }
 
 impl PanelRows<'_> {
@@ -368,8 +381,8 @@ impl PanelRows<'_> {
         }
     }
 
-    /// The panel is walked `KC` input positions at a time, so that slice stays in L1 for every
-    /// group of rows, while the next slice is prefetched into L2, a share per group.
+    /// The panel is walked `self.slice` input positions at a time, so that slice stays in L1
+    /// for every group of rows, while the next slice is prefetched into L2, a share per group.
     #[inline(always)]
     fn run<S: pulp::Simd, const V: usize>(self, simd: S) {
         assert_eq!(V * S::F32_LANES, PANEL);
@@ -381,11 +394,12 @@ impl PanelRows<'_> {
         let (first, rows) = self.rows();
         let zero = simd.splat_f32s(0.0);
         let mut acc = vec![zero; rows * V];
-        for c0 in (0..k).step_by(KC) {
-            let c1 = (c0 + KC).min(k);
+        let kc = self.slice;
+        for c0 in (0..k).step_by(kc) {
+            let c1 = (c0 + kc).min(k);
             let pw = &panel[c0 * V..c1 * V];
             let next =
-                &vecs[(base + c1 * V).min(vecs.len())..(base + (c1 + KC) * V).min(vecs.len())];
+                &vecs[(base + c1 * V).min(vecs.len())..(base + (c1 + kc) * V).min(vecs.len())];
             let share = next.len().div_ceil(spans.len()).max(1);
             for (g, &(r0, r)) in spans.iter().enumerate() {
                 prefetch_l2(next.get(g * share..((g + 1) * share).min(next.len())));
@@ -486,6 +500,7 @@ fn multiply_rows(weights: &[&PackedWeight], xs: &[f32], n: usize, k: usize) -> V
                 k,
                 out: &results.outs[w],
                 width: counts[w] * PANEL,
+                slice: slice_len(n),
             });
         }
     });
