@@ -819,10 +819,12 @@ pub(crate) mod tests {
     }
 
     fn matches_candle_matmul_here() {
-        // Row counts that use every tile width, widths that leave a partial last panel.
+        // Row counts that use every tile width, widths that leave a partial last panel,
+        // inputs that leave a partial last slice of 32 (20 rows) or 64 (3 rows).
         for (n, out, k) in [
             (1, 130, 70),
             (3, 130, 70),
+            (20, 70, 100),
             (15, 33, 16),
             (32, 64, 9),
             (2, 9, 16),
@@ -932,7 +934,8 @@ pub(crate) mod tests {
     }
 
     fn a_row_does_not_depend_on_the_rest_of_the_batch_here() {
-        // Every tile width (6, 4, 2, 1 rows) and the one-row path give each row the same bits.
+        // Every tile width (6, 4, 2, 1 rows), both slice lengths (13 rows walk the 70 inputs
+        // 32 at a time, fewer rows 64) and the one-row path give each row the same bits.
         let (out, k) = (300, 70);
         let w = Tensor::randn(0f32, 1.0, (out, k), &Device::Cpu).expect("randn");
         let packed = PackedWeight::pack(&w).expect("pack").expect("f32");
