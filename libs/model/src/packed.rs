@@ -6,7 +6,7 @@
 //! rows, stored input-position-major, so one step of the inner loop loads `PANEL` weights as
 //! whole vectors and multiplies them by one broadcast activation per row (an outer product,
 //! as in GEMM micro-kernels: no horizontal sums). A tile keeps `PANEL × R` accumulators in
-//! registers (`R` up to 6 rows with AVX-512, 1 with AVX2). Panels are walked 32 or 64 input
+//! registers (`R` up to 4 rows with AVX-512, 1 with AVX2). Panels are walked 32 or 64 input
 //! positions at a time (by the number of rows) so that slice stays in L1 for every group of
 //! rows (the next slice is prefetched into L2 meanwhile). A product of several rows, or of
 //! several weights of the same input (a layer's q, k and v; gate and up), is one parallel
@@ -123,7 +123,7 @@ fn slice_len(rows: usize) -> usize {
 /// vector and one broadcast per row for every input position, no horizontal sums. The rows
 /// are read where they lie (one stream each, `R` + 1 streams with the panel's), so a product
 /// needs no copy of its input. With AVX-512 a panel is 4 vectors, so even one row has 4
-/// independent FMA chains, and 6 rows keep 24 accumulators in registers (10 loads per 24
+/// independent FMA chains, and 4 rows keep 16 accumulators in registers (8 loads per 16
 /// FMAs). Every output is summed in input order whatever `R` is (and whatever the slice
 /// length): up to [`max_rows`] rows, a row's product does not depend on what else is in the
 /// batch (larger batches go through candle's gemm; attention of a lone decode token differs
@@ -406,7 +406,6 @@ impl PanelRows<'_> {
                 let xs = &self.groups.xs[r0 * k..(r0 + r) * k];
                 let acc = &mut acc[(r0 - first) * V..(r0 - first + r) * V];
                 match r {
-                    6 => tile::<S, V, 6>(simd, pw, xs, k, c0, acc),
                     4 => tile::<S, V, 4>(simd, pw, xs, k, c0, acc),
                     2 => tile::<S, V, 2>(simd, pw, xs, k, c0, acc),
                     _ => tile::<S, V, 1>(simd, pw, xs, k, c0, acc),
@@ -513,10 +512,13 @@ fn multiply_rows(weights: &[&PackedWeight], xs: &[f32], n: usize, k: usize) -> V
 }
 
 /// Tile widths (activation rows per tile) for the CPU's vectors: the `PANEL × R`
-/// accumulators must fit the register file (24 of AVX-512's 32 registers at `R` = 6, 8 of
-/// AVX2's 16 at `R` = 1).
+/// accumulators must fit the register file (16 of AVX-512's 32 registers at `R` = 4, 8 of
+/// AVX2's 16 at `R` = 1). Tiles of 6 rows (24 accumulators, fewer weight loads per FMA) were
+/// slower: `small` decode steps alternating with 4-row tiles in one process
+/// (`examples/decode_steps.rs`) took 10-12% longer at 16 rows, about 5% at 32 and 2-4% at
+/// 48-64; 5-row tiles 2-5% longer than 4. Why was not established.
 fn tile_widths() -> &'static [usize] {
-    if has_v4() { &[6, 4, 2, 1] } else { &[1] }
+    if has_v4() { &[4, 2, 1] } else { &[1] }
 }
 
 impl PackedWeight {
@@ -934,7 +936,7 @@ pub(crate) mod tests {
     }
 
     fn a_row_does_not_depend_on_the_rest_of_the_batch_here() {
-        // Every tile width (6, 4, 2, 1 rows), both slice lengths (13 rows walk the 70 inputs
+        // Every tile width (4, 2, 1 rows), both slice lengths (13 rows walk the 70 inputs
         // 32 at a time, fewer rows 64) and the one-row path give each row the same bits.
         let (out, k) = (300, 70);
         let w = Tensor::randn(0f32, 1.0, (out, k), &Device::Cpu).expect("randn");
