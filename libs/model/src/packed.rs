@@ -109,10 +109,10 @@ const KC: usize = 64;
 
 /// Input positions per pass over a panel for a product of `rows` activation rows: half of
 /// [`KC`] from 8 to 48 rows. Measured on `small` decode steps (`examples/decode_steps.rs`,
-/// steps of the two lengths alternating in one process, a 2-core AMD EPYC with AVX-512):
-/// 32-position slices take 10-15% off a step at 8-16 rows and 5-8% at 32-40, but add 5-9%
-/// at 4-6 rows (one tile group) and 0-5% at 56-64. The sums run in input order either way,
-/// so the results are the same bits.
+/// steps of the two lengths alternating in one process, a 2-core AMD EPYC with AVX-512),
+/// with 4-row tiles: 32-position slices take 17% off a step at 16 rows and 4-5% at 32, but
+/// add 6-7% at 4 rows and 1-3% at 64 (with the earlier 6-row tiles: -10% at 8 and 12 rows,
+/// -2-5% at 40-48, +2-9% at 4-6). The sums run in input order either way: the same bits.
 fn slice_len(rows: usize) -> usize {
     if (8..=48).contains(&rows) { KC / 2 } else { KC }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use lmforge_inference::engine::{self, EngineConfig, EngineRequest, Event};
+use lmforge_model::rng::Rng;
 use lmforge_model::sampling::SamplingParams;
 use lmforge_model::stopping::StopConfig;
 use lmforge_model::tokenizer::TextTokenizer;
@@ -71,18 +72,16 @@ fn main() {
             shape,
         )
         .expect("engine");
+        // Every run of every level draws prompts of its own: a run reusing earlier prompts
+        // would find their first block in the prefix cache and skip half of their prefill.
+        let mut rng = Rng::new(7);
         for &c in &streams {
-            // Each run has prompts of its own: the measured run reusing the warm-up's would
-            // find their first block in the prefix cache and skip half of every prefill.
-            let run = |tag: &str, seed: u32| {
+            let mut run = |tag: &str| {
                 let started = Instant::now();
                 let rxs: Vec<_> = (0..c)
                     .map(|i| {
-                        let prompt = (0..32u32)
-                            .map(|k| {
-                                3 + (seed * 7919 + i as u32 * 131 + k * 17)
-                                    % (cfg.vocab_size as u32 - 3)
-                            })
+                        let prompt = (0..32)
+                            .map(|_| 3 + rng.below(cfg.vocab_size - 3) as u32)
                             .collect();
                         handle
                             .submit(EngineRequest {
@@ -120,8 +119,8 @@ fn main() {
                 });
                 (tokens, started.elapsed())
             };
-            run("warm", 1); // first touch of the cache and weights
-            let (tokens, wall) = run("run", 2);
+            run("warm"); // first touch of the cache and weights
+            let (tokens, wall) = run("run");
             let rate = tokens as f64 / wall.as_secs_f64();
             println!(
                 "| {shape} | {c} | {rate:.1} | {:.1} ms | {:.2} s |",
