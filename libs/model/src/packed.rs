@@ -479,7 +479,7 @@ fn multiply_rows(weights: &[&PackedWeight], xs: &[f32], n: usize, k: usize) -> V
     let total: usize = counts.iter().sum();
     let bounds = shares(&groups.spans, n, total, rayon::current_num_threads());
     let results = Results::new(n, &counts);
-    let arch = pulp::Arch::new();
+    let (arch, slice) = (pulp::Arch::new(), slice_len(n));
     bounds.par_windows(2).for_each(|b| {
         let (mut unit, end) = (b[0], b[1]);
         while unit < end {
@@ -499,7 +499,7 @@ fn multiply_rows(weights: &[&PackedWeight], xs: &[f32], n: usize, k: usize) -> V
                 k,
                 out: &results.outs[w],
                 width: counts[w] * PANEL,
-                slice: slice_len(n),
+                slice,
             });
         }
     });

@@ -40,6 +40,20 @@ fn relative_tolerance(want: &Tensor, rel: f64) -> f64 {
     rel * f64::from(mag.max(1.0))
 }
 
+/// The training forward's logits (f32) at the last of `tokens`: what a batched forward that
+/// has been fed `tokens` must give for that sequence.
+fn last_training_logits(model: &Model, tokens: &[u32]) -> Tensor {
+    let ids = Tensor::new(tokens, &Device::Cpu)
+        .and_then(|t| t.unsqueeze(0))
+        .expect("ids");
+    let full = model
+        .forward_train(&ids, None, None)
+        .expect("training forward");
+    full.get(0)
+        .and_then(|r| r.get(tokens.len() - 1)?.to_dtype(DType::F32))
+        .expect("last position")
+}
+
 /// `packed`: the batched forward uses weights packed for serving (the training forward never
 /// does), so their products are checked against candle's: exact f32 products within 1e-4,
 /// AMX ones within [`amx_tolerance`].
@@ -122,17 +136,7 @@ fn run_schedule_in(
         drop(inputs);
         for (row, (&i, &(fed, n))) in idx.iter().zip(&chunks).enumerate() {
             let upto = fed + n;
-            let ids = Tensor::new(&seqs[i].tokens[..upto], &Device::Cpu)
-                .expect("ids")
-                .unsqueeze(0)
-                .expect("batch");
-            let full = model
-                .forward_train(&ids, None, None)
-                .expect("training forward");
-            let want = full
-                .get(0)
-                .and_then(|r| r.get(upto - 1)?.to_dtype(DType::F32))
-                .expect("pos");
+            let want = last_training_logits(&model, &seqs[i].tokens[..upto]);
             let got = logits.get(row).expect("row");
             let d = common::max_abs_diff(&want, &got);
             let tolerance = if on_amx {
@@ -445,16 +449,7 @@ fn long_contexts_attend_over_many_key_vectors() {
                 drop(inputs);
                 for (i, &len) in lens.iter().enumerate() {
                     fed[i] += chunk(len);
-                    let ids = Tensor::new(&tokens[i][..fed[i]], &Device::Cpu)
-                        .and_then(|t| t.unsqueeze(0))
-                        .expect("ids");
-                    let full = model
-                        .forward_train(&ids, None, None)
-                        .expect("training forward");
-                    let want = full
-                        .get(0)
-                        .and_then(|r| r.get(fed[i] - 1))
-                        .expect("last position");
+                    let want = last_training_logits(&model, &tokens[i][..fed[i]]);
                     let got = logits.get(i).expect("row");
                     let d = common::max_abs_diff(&want, &got);
                     assert!(
